@@ -1,0 +1,222 @@
+"""Adapters on disk in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are ``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
+which is what ``peft.PeftModel.from_pretrained`` reads and what PEFT's ``save_pretrained`` writes.
+Reading trusts the tensors (module paths and shapes) and uses the config only for scaling, so any
+plain-LoRA adapter PEFT writes loads here. Safetensors only: no pickle is ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorafit.errors import LorafitError
+from lorafit.inject import lora_modules, set_trainable, wrap_module
+from lorafit.lora import LoRALinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+_PARTS = ("lora_A.weight", "lora_B.weight")
+# PEFT options that change the math; an adapter using any of them is refused instead of loaded wrong.
+_UNSUPPORTED = {
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "modules_to_save": None,
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+}
+
+
+@dataclass
+class _ModuleTensors:
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    r: int
+    alpha: float
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | None = None) -> Path:
+    """Write the model's LoRA weights and config to ``out_dir``, atomically (temp folder, then rename)."""
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("save_adapter: the model has no LoRA layers")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"{KEY_PREFIX}{name}.{part}": param.detach().contiguous().cpu()
+        for name, module in modules.items()
+        for part, param in module.adapter_params().items()
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        config = adapter_config(modules, base_model_name)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def adapter_config(modules: dict[str, LoRALinear], base_model_name: str | None) -> dict[str, Any]:
+    """PEFT LoraConfig fields; per-module rank/alpha that differ from the first go to rank/alpha_pattern."""
+    first = next(iter(modules.values()))
+    dropouts = {m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in modules.values()}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name,
+        "revision": None,
+        "inference_mode": True,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": max(dropouts),
+        # Full module paths: exact for any targeting rule (suffixes, regex, layer subsets), and what
+        # PEFT itself writes for all-linear. PEFT matches list entries by dotted suffix.
+        "target_modules": sorted(modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": first.use_rslora,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {name: m.r for name, m in modules.items() if m.r != first.r},
+        "alpha_pattern": {name: m.alpha for name, m in modules.items() if m.alpha != first.alpha},
+    }
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> dict[str, LoRALinear]:
+    """Wrap ``model``'s layers with the adapter in ``adapter_dir`` (lorafit's or PEFT's).
+
+    Everything is checked before the first layer is wrapped, so a bad adapter leaves the model untouched.
+    """
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    per_module = _group_tensors(_read_weights(adapter_dir), config, adapter_dir)
+    if lora_modules(model):
+        raise LorafitError("this model already carries LoRA layers; load the adapter into a fresh base model")
+    _check_fit(model, per_module, adapter_dir)
+    dropout = float(config.get("lora_dropout") or 0.0)
+    use_rslora = bool(config.get("use_rslora", False))
+    wrapped = {}
+    for name, found in per_module.items():
+        module = wrap_module(model, name, r=found.r, alpha=found.alpha, dropout=dropout, use_rslora=use_rslora)
+        with torch.no_grad():
+            module.lora_A.weight.copy_(found.lora_A)
+            module.lora_B.weight.copy_(found.lora_B)
+        wrapped[name] = module
+    if trainable:
+        set_trainable(model)
+    else:
+        model.requires_grad_(False)
+    return wrapped
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / CONFIG_NAME
+    if not path.is_file():
+        raise LorafitError(f"{adapter_dir}: no {CONFIG_NAME} here, so this is not an adapter folder")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LorafitError(f"{path}: could not be read as JSON ({err})") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise LorafitError(f"{path}: peft_type {kind!r} is not supported; lorafit loads LORA adapters")
+    for key, plain in _UNSUPPORTED.items():
+        if config.get(key, plain) not in (plain, [], {}):
+            raise LorafitError(f"{path}: {key}={config[key]!r} is not supported by lorafit (only plain LoRA is)")
+    if config.get("bias", "none") != "none":
+        raise LorafitError(f"{path}: bias={config['bias']!r} is not supported; lorafit adapters train no biases")
+    return config
+
+
+def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    path = adapter_dir / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = " (found adapter_model.bin: re-save it as safetensors; lorafit never loads pickle)" \
+            if (adapter_dir / "adapter_model.bin").exists() else ""
+        raise LorafitError(f"{adapter_dir}: no {WEIGHTS_NAME}{pickled}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise LorafitError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _group_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], adapter_dir: Path) -> dict[str, _ModuleTensors]:
+    """``base_model.model.<path>.lora_A.weight`` keys -> per-module A, B, r and alpha."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        stripped = key.removeprefix(KEY_PREFIX)
+        name, part = next(((stripped[: -len(p) - 1], p) for p in _PARTS if stripped.endswith("." + p)), (None, None))
+        if name is None or not key.startswith(KEY_PREFIX):
+            raise LorafitError(f"{adapter_dir / WEIGHTS_NAME}: unexpected tensor {key!r}; lorafit reads plain LoRA "
+                               "tensors named base_model.model.<module>.lora_A.weight / lora_B.weight")
+        parts.setdefault(name, {})[part] = tensor
+    if not parts:
+        raise LorafitError(f"{adapter_dir / WEIGHTS_NAME}: holds no LoRA tensors")
+    grouped = {}
+    for name, pair in parts.items():
+        if set(pair) != set(_PARTS):
+            raise LorafitError(f"{adapter_dir / WEIGHTS_NAME}: module {name} has {sorted(pair)} but needs both {list(_PARTS)}")
+        grouped[name] = _ModuleTensors(
+            pair["lora_A.weight"],
+            pair["lora_B.weight"],
+            r=int(_pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))),
+            alpha=float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))),
+        )
+    return grouped
+
+
+def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    # PEFT's rule (get_pattern_key): a pattern applies when it matches the end of the module path.
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return default
+
+
+def _check_fit(model: nn.Module, per_module: dict[str, _ModuleTensors], adapter_dir: Path) -> None:
+    problems = []
+    for name, found in per_module.items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"module {name} does not exist in the base model")
+            continue
+        if not isinstance(base, nn.Linear):
+            problems.append(f"module {name} is a {type(base).__name__}, not a linear layer")
+            continue
+        want_a, want_b = (found.r, base.in_features), (base.out_features, found.r)
+        got_a, got_b = tuple(found.lora_A.shape), tuple(found.lora_B.shape)
+        if (got_a, got_b) != (want_a, want_b):
+            problems.append(
+                f"module {name}: adapter has lora_A {list(got_a)}, lora_B {list(got_b)}, but the base layer "
+                f"is [{base.out_features}, {base.in_features}] (out, in) with r={found.r}, which needs "
+                f"lora_A {list(want_a)}, lora_B {list(want_b)}"
+            )
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise LorafitError(
+            f"adapter {adapter_dir} does not fit this base model (was it trained on another base?):\n"
+            + "\n".join(f"  {p}" for p in shown)
+        )

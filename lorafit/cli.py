@@ -1,0 +1,107 @@
+"""The ``lorafit`` command line. Thin by design: parse arguments, call a module, show the result."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lorafit import __version__
+from lorafit.errors import LorafitError
+
+app = typer.Typer(
+    help="Fine-tune Hugging Face causal language models with LoRA from one YAML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+error_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see configs/).", show_default=False)]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe value, e.g. --set lora.r=8 (repeatable).", show_default=False),
+]
+
+
+def user_errors(command: F) -> F:
+    """Show a LorafitError as one red message and exit 2; anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LorafitError as err:
+            error_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"lorafit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Fine-tune Hugging Face causal language models with LoRA from one YAML recipe."""
+    # Models come from local folders, .gguf files or installed packages unless a hub id is given;
+    # keep the hub libraries quiet about telemetry and progress noise either way.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@app.command()
+@user_errors
+def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
+    """Load the base model, inject LoRA as the recipe says, and show what would train. Writes nothing."""
+    from lorafit.config import load_recipe
+    from lorafit.inject import inject_lora
+    from lorafit.model import load_base_model
+
+    loaded = load_recipe(recipe, overrides)
+    start = time.perf_counter()
+    with console.status(f"loading {loaded.model.base} ..."):
+        model = load_base_model(loaded.model)
+    load_seconds = time.perf_counter() - start
+    report = inject_lora(model, loaded.lora)
+    lora = loaded.lora
+    console.print(
+        f"base [bold]{loaded.model.base}[/] ({type(model).__name__}, {loaded.model.dtype}, "
+        f"loaded in {load_seconds:.1f}s)\n"
+        f"LoRA r={lora.r} alpha={lora.alpha:g} scaling={lora.alpha / lora.r:g} dropout={lora.dropout:g}",
+        highlight=False,
+    )
+    console.print(targeting_table(report))
+
+
+def targeting_table(report) -> Table:
+    """Module kinds wrapped, how many, and the parameters they add (shared with `train` later)."""
+    table = Table(title="LoRA targets", title_justify="left")
+    table.add_column("module")
+    table.add_column("count", justify="right")
+    table.add_column("trainable params", justify="right")
+    for kind, count in report.kinds.items():
+        table.add_row(kind, str(count), f"{report.kind_params[kind]:,}")
+    table.add_section()
+    table.add_row(
+        "[bold]total[/]",
+        str(sum(report.kinds.values())),
+        f"[bold]{report.trainable:,}[/] of {report.total:,} ({report.trainable_percent:.3f}%)",
+    )
+    return table

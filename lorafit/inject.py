@@ -1,0 +1,125 @@
+"""Find the linear layers a recipe targets, wrap them in LoRALinear, and freeze everything else."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lorafit.config import LoRAConfig, RegexTarget, TargetModules
+from lorafit.errors import LorafitError
+from lorafit.lora import LoRALinear
+
+# Decoder blocks live under one of these containers in nearly every HF causal LM ("model.layers.3.").
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
+
+
+@dataclass
+class InjectionReport:
+    """What was wrapped, for the targeting table and the trainable-parameter count."""
+
+    modules: list[str]
+    kinds: Counter = field(default_factory=Counter)          # "q_proj" -> how many wrapped
+    kind_params: Counter = field(default_factory=Counter)    # "q_proj" -> trainable params
+    trainable: int = 0
+    total: int = 0
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Every linear layer except the output head (which ties to the embeddings in many models)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head and not isinstance(module, LoRALinear)
+    ]
+
+
+def layer_index(module_name: str) -> int | None:
+    match = _LAYER_INDEX.search(module_name)
+    return int(match.group(1)) if match else None
+
+
+def find_targets(model: nn.Module, target_modules: TargetModules, layers: list[int] | None = None) -> list[str]:
+    """Full module paths to wrap, in model order. Raises with the available names when nothing matches."""
+    candidates = linear_module_names(model)
+    matched = [name for name in candidates if _matches(name, target_modules)]
+    if layers is not None:
+        wanted = set(layers)
+        matched = [name for name in matched if layer_index(name) in wanted]
+    if not matched:
+        raise LorafitError(_no_match_message(candidates, target_modules, layers))
+    return matched
+
+
+def inject_lora(model: nn.Module, lora: LoRAConfig) -> InjectionReport:
+    """Wrap the recipe's targets in place and leave only the LoRA parameters trainable."""
+    targets = find_targets(model, lora.target_modules, lora.layers)
+    for name in targets:
+        wrap_module(model, name, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, init=lora.init)
+    set_trainable(model)
+    return injection_report(model)
+
+
+def wrap_module(model: nn.Module, name: str, **lora_kwargs) -> LoRALinear:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    wrapped = LoRALinear(getattr(parent, child_name), **lora_kwargs)
+    setattr(parent, child_name, wrapped)
+    return wrapped
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Module path (as the base model names it) -> its LoRA wrapper."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def set_trainable(model: nn.Module) -> None:
+    """The one place trainability is decided: adapter parameters train, nothing else does."""
+    model.requires_grad_(False)
+    for module in lora_modules(model).values():
+        for param in module.adapter_params().values():
+            param.requires_grad_(True)
+
+
+def injection_report(model: nn.Module) -> InjectionReport:
+    wrapped = lora_modules(model)
+    report = InjectionReport(modules=list(wrapped))
+    for name, module in wrapped.items():
+        kind = name.rsplit(".", 1)[-1]
+        report.kinds[kind] += 1
+        report.kind_params[kind] += sum(p.numel() for p in module.adapter_params().values())
+    report.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report.total = sum(p.numel() for p in model.parameters())
+    return report
+
+
+def _matches(name: str, target_modules: TargetModules) -> bool:
+    # Same rules as PEFT: list entries match a whole path or its dotted suffix; a regex must match the full path.
+    if target_modules == "all-linear":
+        return True
+    if isinstance(target_modules, RegexTarget):
+        return re.fullmatch(target_modules.regex, name) is not None
+    return any(name == suffix or name.endswith("." + suffix) for suffix in target_modules)
+
+
+def _no_match_message(candidates: list[str], target_modules: TargetModules, layers: list[int] | None) -> str:
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+    indices = sorted({i for i in map(layer_index, candidates) if i is not None})
+    shown = target_modules.regex if isinstance(target_modules, RegexTarget) else target_modules
+    message = f"lora.target_modules {shown!r}"
+    if layers is not None:
+        message += f" with lora.layers {layers}"
+    message += " matches no linear layer of this model.\n"
+    message += f"  Linear layers here: {', '.join(kinds) or '(none)'}"
+    if candidates:
+        message += f" (full path e.g. {candidates[0]})"
+    if indices:
+        message += f"; layer indices {indices[0]}..{indices[-1]}"
+    return message

@@ -1,0 +1,120 @@
+"""Our LoRA layer: h = W0·x + scaling · B·A·dropout(x), with W0 frozen.
+
+Only torch is imported here, so the layer can wrap any module that behaves like a linear layer
+(a plain ``nn.Linear`` today, a bitsandbytes ``Linear4bit`` later) without changing its math.
+Parts are named ``lora_A`` / ``lora_B`` exactly as PEFT names them, so saving is a key prefix away.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+InitKind = Literal["kaiming", "gaussian"]
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """alpha/r (LoRA paper), or alpha/sqrt(r) (rsLoRA), which keeps updates stable at large r."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear ``base_layer`` plus a trainable low-rank update.
+
+    Shapes, for a base layer ``in_features -> out_features`` and rank ``r``:
+        x: (..., in)  ->  lora_A: (..., r)  ->  lora_B: (..., out)
+        lora_A.weight: [r, in]     lora_B.weight: [out, r]     delta_weight(): [out, in]
+    B starts at zero, so a freshly wrapped model computes exactly what the base model computes.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init: InitKind = "kaiming",
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        # No dropout module at all when p == 0: nn.Identity costs nothing, nn.Dropout(0) still copies.
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Adapter weights live in the base weight's dtype when that is a float type; a quantized
+        # base (int8 / packed 4-bit storage) gets fp32 adapters, cast per call in forward().
+        weight = base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        self.merged = False
+        self.reset_lora_parameters(init)
+
+    def reset_lora_parameters(self, init: InitKind = "kaiming") -> None:
+        """A random, B zero: the product B·A is zero, but gradients reach B through A at once."""
+        if init == "kaiming":
+            # Same as nn.Linear's own init and PEFT's default (init_lora_weights=True).
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            # PEFT's init_lora_weights="gaussian".
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            raise ValueError(f"unknown LoRA init {init!r}: use 'kaiming' or 'gaussian'")
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result  # the update already lives inside base_layer.weight
+        lora_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(lora_in)) * self.scaling  # (..., out)
+        return result + update.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B @ A as an fp32 [out, in] matrix: computed in fp32 so a bf16 merge loses nothing extra."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight. Idempotent: merging twice does not add it twice."""
+        if self.merged:
+            return
+        self._add_to_base(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of the base weight (exact up to the base dtype's rounding)."""
+        if not self.merged:
+            return
+        self._add_to_base(-self.delta_weight())
+        self.merged = False
+
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        if not weight.dtype.is_floating_point:
+            raise TypeError(
+                f"cannot merge LoRA into a {weight.dtype} (quantized) base weight: merge into the "
+                "full-precision checkpoint instead"
+            )
+        merged = weight.float() + delta.to(weight.device)
+        if not torch.isfinite(merged).all():
+            raise ValueError("merging this LoRA update gives non-finite weights; nothing was changed")
+        weight.copy_(merged.to(weight.dtype))
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The parameters this adapter owns, under the names PEFT saves them with."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"

@@ -1,0 +1,152 @@
+"""PEFT-format adapter files, proven with PEFT itself (a test-only dependency)."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from lorafit.adapter_io import load_adapter, save_adapter
+from lorafit.config import LoRAConfig
+from lorafit.errors import LorafitError
+from lorafit.inject import inject_lora, lora_modules
+
+from .conftest import randomize_lora_B, tiny_model
+
+TARGETS = [
+    "all-linear",
+    ["q_proj", "v_proj"],
+    {"regex": r"model\.layers\.1\.mlp\.(gate|up)_proj"},
+]
+
+
+@pytest.mark.parametrize("target_modules", TARGETS, ids=["all-linear", "q_v", "regex"])
+def test_lorafit_adapter_loads_in_peft_with_same_logits(tmp_path, input_ids, target_modules):
+    ours = tiny_model()
+    inject_lora(ours, LoRAConfig(r=4, alpha=16, target_modules=target_modules))
+    randomize_lora_B(ours)
+    expected = ours(input_ids).logits
+    save_adapter(ours, tmp_path / "adapter", base_model_name="tiny")
+
+    peft_model = PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter").eval()
+    torch.testing.assert_close(peft_model(input_ids).logits, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(tiny_model()(input_ids).logits, expected, atol=1e-3)  # the adapter matters
+
+
+def test_layer_subset_adapter_loads_in_peft(tmp_path, input_ids):
+    ours = tiny_model()
+    inject_lora(ours, LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"], layers=[1]))
+    randomize_lora_B(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter").eval()
+    torch.testing.assert_close(peft_model(input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=0)
+    wrapped = [n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")]
+    assert len(wrapped) == 2
+
+
+def test_file_format_keys_shapes_and_config(tmp_path):
+    ours = tiny_model()
+    inject_lora(ours, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    save_adapter(ours, tmp_path / "adapter", base_model_name="some/base")
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (32, 4)
+    assert tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].shape == (16, 4)
+    assert len(tensors) == 8
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert (config["r"], config["lora_alpha"], config["bias"]) == (4, 8.0, "none")
+    assert config["base_model_name_or_path"] == "some/base"
+    assert config["use_rslora"] is False and config["use_dora"] is False
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp folder left behind
+
+
+@pytest.mark.parametrize(
+    "peft_config",
+    [
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        dict(r=4, lora_alpha=8, target_modules="all-linear"),
+        dict(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"], use_rslora=True,
+             rank_pattern={"up_proj": 2}, alpha_pattern={"k_proj": 3}),
+        dict(r=2, lora_alpha=4, target_modules=["o_proj"], layers_to_transform=[0], layers_pattern="layers"),
+    ],
+    ids=["q_v", "all-linear", "rslora-patterns", "layers"],
+)
+def test_peft_adapter_loads_in_lorafit_with_same_logits(tmp_path, input_ids, peft_config):
+    peft_model = get_peft_model(tiny_model(), PeftLoraConfig(init_lora_weights=False, **peft_config)).eval()
+    expected = peft_model(input_ids).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+
+    ours = tiny_model()
+    wrapped = load_adapter(ours, tmp_path / "peft")
+    torch.testing.assert_close(ours(input_ids).logits, expected, atol=1e-5, rtol=0)
+    peft_wrapped = {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in peft_model.named_modules()
+                    if n.endswith(".lora_A")}
+    assert set(wrapped) == peft_wrapped
+    assert not any(p.requires_grad for p in ours.parameters())
+
+
+def test_round_trip_through_lorafit_and_trainable_flag(tmp_path, input_ids):
+    ours = tiny_model()
+    inject_lora(ours, LoRAConfig(r=3, alpha=5, target_modules="all-linear"))
+    randomize_lora_B(ours)
+    save_adapter(ours, tmp_path / "a")
+    again = tiny_model()
+    load_adapter(again, tmp_path / "a", trainable=True)
+    torch.testing.assert_close(again(input_ids).logits, ours(input_ids).logits, atol=0, rtol=0)
+    trainable = [n for n, p in again.named_parameters() if p.requires_grad]
+    assert len(trainable) == 28 and all("lora_" in n for n in trainable)
+
+
+def test_adapter_for_another_shape_names_module_and_both_shapes(tmp_path):
+    bigger = tiny_model(hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
+    inject_lora(bigger, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    save_adapter(bigger, tmp_path / "a")
+    model = tiny_model()
+    with pytest.raises(LorafitError) as err:
+        load_adapter(model, tmp_path / "a")
+    message = str(err.value)
+    assert "model.layers.0.self_attn.q_proj" in message
+    assert "lora_A [4, 48]" in message and "[32, 32]" in message and "lora_A [4, 32]" in message
+    assert not lora_modules(model)  # nothing wrapped on failure
+
+
+def test_adapter_with_unknown_module(tmp_path):
+    deeper = tiny_model(num_hidden_layers=3)
+    inject_lora(deeper, LoRAConfig(r=2, alpha=2, target_modules=["q_proj"], layers=[2]))
+    save_adapter(deeper, tmp_path / "a")
+    with pytest.raises(LorafitError, match=r"model\.layers\.2\.self_attn\.q_proj does not exist"):
+        load_adapter(tiny_model(), tmp_path / "a")
+
+
+def test_refuses_pickle_and_unsupported_features(tmp_path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    (folder / "adapter_model.bin").write_bytes(b"not read")
+    with pytest.raises(LorafitError, match="never loads pickle"):
+        load_adapter(tiny_model(), folder)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    with pytest.raises(LorafitError, match="use_dora"):
+        load_adapter(tiny_model(), folder)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(LorafitError, match="IA3"):
+        load_adapter(tiny_model(), folder)
+
+
+def test_unexpected_tensor_names_are_refused(tmp_path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    save_file({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(2, 128)},
+              folder / "adapter_model.safetensors")
+    with pytest.raises(LorafitError, match="unexpected tensor"):
+        load_adapter(tiny_model(), folder)
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(LorafitError, match="no adapter_config.json"):
+        load_adapter(tiny_model(), tmp_path / "nowhere")

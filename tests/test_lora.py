@@ -1,0 +1,114 @@
+"""LoRALinear against the formula written out by hand."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lorafit.lora import LoRALinear, lora_scaling
+
+
+def make_layer(r=4, alpha=8.0, bias=True, seed=0, **kwargs) -> tuple[nn.Linear, LoRALinear]:
+    torch.manual_seed(seed)
+    base = nn.Linear(16, 24, bias=bias)
+    layer = LoRALinear(base, r=r, alpha=alpha, **kwargs)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    return base, layer
+
+
+def test_forward_equals_hand_written_formula():
+    base, layer = make_layer()
+    x = torch.randn(3, 5, 16)
+    W0, b = base.weight, base.bias
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    expected = x @ W0.T + b + (8.0 / 4) * (x @ A.T @ B.T)
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
+
+
+def test_rslora_scaling_is_alpha_over_sqrt_r():
+    assert lora_scaling(16, 32) == 2.0
+    assert lora_scaling(16, 32, use_rslora=True) == 8.0
+    _, layer = make_layer(r=9, alpha=6.0, use_rslora=True)
+    assert layer.scaling == pytest.approx(2.0)
+
+
+def test_fresh_layer_equals_base_exactly():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 24)
+    layer = LoRALinear(base, r=4, alpha=8.0)
+    x = torch.randn(7, 16)
+    assert torch.equal(layer(x), base(x))  # B = 0: bit-identical, not just close
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    assert torch.count_nonzero(layer.lora_A.weight) > 0
+
+
+def test_init_options():
+    torch.manual_seed(0)
+    kaiming = LoRALinear(nn.Linear(512, 8), r=64, alpha=1.0, init="kaiming").lora_A.weight
+    bound = 1 / math.sqrt(512)  # kaiming_uniform(a=sqrt(5)) on fan_in 512
+    assert kaiming.abs().max() <= bound and kaiming.abs().max() > 0.9 * bound
+    gaussian = LoRALinear(nn.Linear(512, 8), r=64, alpha=1.0, init="gaussian").lora_A.weight
+    assert gaussian.std().item() == pytest.approx(1 / 64, rel=0.05)
+
+
+def test_merge_matches_unmerged_and_unmerge_restores():
+    base, layer = make_layer()
+    original = base.weight.detach().clone()
+    x = torch.randn(4, 16)
+    unmerged_out = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), unmerged_out, atol=1e-5, rtol=0)
+    layer.merge()  # a second merge must not add the update twice
+    torch.testing.assert_close(layer(x), unmerged_out, atol=1e-5, rtol=0)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, original, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer(x), unmerged_out, atol=1e-5, rtol=0)
+
+
+def test_delta_weight_is_scaling_B_at_A():
+    _, layer = make_layer(r=2, alpha=3.0)
+    expected = 1.5 * layer.lora_B.weight @ layer.lora_A.weight
+    torch.testing.assert_close(layer.delta_weight(), expected, atol=1e-6, rtol=0)
+    assert layer.delta_weight().shape == (24, 16)
+
+
+def test_bf16_merge_is_computed_in_fp32():
+    base, layer = make_layer()
+    layer.to(torch.bfloat16)
+    expected = (base.weight.float() + layer.delta_weight()).to(torch.bfloat16)
+    layer.merge()
+    assert torch.equal(base.weight, expected)
+
+
+def test_eval_mode_never_merges_and_dropout_only_in_training():
+    _, layer = make_layer(dropout=0.5)
+    x = torch.randn(64, 16)
+    layer.eval()
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))  # dropout is live while training
+
+
+def test_no_dropout_module_when_p_is_zero():
+    _, layer = make_layer(dropout=0.0)
+    assert isinstance(layer.lora_dropout, nn.Identity)
+
+
+def test_merge_refuses_non_float_base():
+    layer = LoRALinear(nn.Linear(4, 4), r=2, alpha=2.0)
+    layer.base_layer.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="quantized"):
+        layer.merge()
+    assert not layer.merged
+
+
+def test_gradients_reach_only_adapter():
+    base, layer = make_layer()
+    base.requires_grad_(False)
+    layer(torch.randn(2, 16)).sum().backward()
+    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+    assert base.weight.grad is None
