@@ -162,7 +162,9 @@ def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
         raise LorafitError(f"{path}: not a readable safetensors file ({err})") from None
 
 
-def _group_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], adapter_dir: Path) -> dict[str, _ModuleTensors]:
+def _group_tensors(
+    tensors: dict[str, torch.Tensor], config: dict[str, Any], adapter_dir: Path
+) -> dict[str, _ModuleTensors]:
     """``base_model.model.<path>.lora_A.weight`` keys -> per-module A, B, r and alpha."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -177,7 +179,9 @@ def _group_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], ada
     grouped = {}
     for name, pair in parts.items():
         if set(pair) != set(_PARTS):
-            raise LorafitError(f"{adapter_dir / WEIGHTS_NAME}: module {name} has {sorted(pair)} but needs both {list(_PARTS)}")
+            raise LorafitError(
+                f"{adapter_dir / WEIGHTS_NAME}: module {name} has {sorted(pair)} but needs both {list(_PARTS)}"
+            )
         grouped[name] = _ModuleTensors(
             pair["lora_A.weight"],
             pair["lora_B.weight"],

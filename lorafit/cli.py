@@ -11,6 +11,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lorafit import __version__
@@ -41,7 +42,7 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except LorafitError as err:
-            error_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+            error_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -232,7 +232,9 @@ def locate_package_file(spec: str) -> Path:
     target = folder / relative
     if not target.is_file():
         present = sorted(p.name for p in folder.iterdir() if p.suffix in (".gguf", ".safetensors"))
-        raise LorafitError(f"model.base {spec!r}: no file {relative!r} in {folder}; it has: {present or 'no model files'}")
+        raise LorafitError(
+            f"model.base {spec!r}: no file {relative!r} in {folder}; it has: {present or 'no model files'}"
+        )
     return target
 
 
@@ -343,8 +345,10 @@ def _resolve_paths(recipe: Recipe, recipe_path: Path) -> list[str]:
     elif _looks_local(base, (".gguf",)):
         found = _find_local(base, recipe_path)
         if found is None:
-            problems.append(f"{recipe_path}  model.base: {base!r} does not exist; give an existing local model "
-                            "folder or .gguf file, a hub id like HuggingFaceTB/SmolLM2-135M-Instruct, or pkg:PACKAGE/FILE")
+            problems.append(
+                f"{recipe_path}  model.base: {base!r} does not exist; give an existing local model folder or "
+                ".gguf file, a hub id like HuggingFaceTB/SmolLM2-135M-Instruct, or pkg:PACKAGE/FILE"
+            )
         else:
             recipe.model.base = str(found)
     return problems

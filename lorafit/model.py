@@ -52,7 +52,7 @@ def resolve_base(base: str) -> BaseSource:
         return BaseSource(str(path.resolve().parent), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise LorafitError(f"model.base: folder {base} has no config.json, so it is not a Hugging Face model folder")
+            raise LorafitError(f"model.base: folder {base} has no config.json, so it is not a Hugging Face model")
         return BaseSource(str(path.resolve()))
     return BaseSource(base)  # a hub id; from_pretrained reports if it cannot be reached
 

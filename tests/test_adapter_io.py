@@ -60,7 +60,8 @@ def test_file_format_keys_shapes_and_config(tmp_path):
     assert (config["r"], config["lora_alpha"], config["bias"]) == (4, 8.0, "none")
     assert config["base_model_name_or_path"] == "some/base"
     assert config["use_rslora"] is False and config["use_dora"] is False
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp folder left behind
 
 

@@ -1,0 +1,75 @@
+"""The real `lorafit` executable, as a user runs it: output, exit codes, no tracebacks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import write_recipe
+
+LORAFIT = [sys.executable, "-m", "lorafit"]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*LORAFIT, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def tiny_recipe(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "a", "completion": "b"}\n')
+    text = f"model:\n  base: {model_dir}\n  dtype: float32\ndata:\n  train: {train}\n{extra}"
+    return write_recipe(tmp_path / "recipe.yaml", text)
+
+
+def test_help_lists_only_built_commands():
+    result = run("--help")
+    assert result.returncode == 0
+    assert "plan" in result.stdout
+    for missing in ("train", "merge", "eval", "generate"):
+        assert f" {missing} " not in result.stdout
+
+
+def test_plan_prints_targets_and_counts_and_writes_nothing(tmp_path, tiny_model_dir):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, "lora:\n  r: 4\n  target_modules: [q_proj, v_proj]\n")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = run("plan", str(recipe), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "q_proj" in result.stdout and "v_proj" in result.stdout
+    assert "896 of" in result.stdout  # 2 layers x (4*(32+32) + 4*(32+16))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_plan_override(tmp_path, tiny_model_dir):
+    result = run("plan", str(tiny_recipe(tmp_path, tiny_model_dir)), "--set", "lora.r=2", "--set", "lora.layers=[0]")
+    assert result.returncode == 0, result.stderr
+    # all-linear, layer 0 only, r=2: 2*(32+32)*2 (q,o) + 2*(32+16)*2 (k,v) + 2*(32+64)*3 (gate, up, down)
+    assert f"{2 * 64 * 2 + 2 * 48 * 2 + 2 * 96 * 3:,} of" in result.stdout
+
+
+def test_bad_recipe_exits_2_without_traceback(tmp_path, tiny_model_dir):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, "lora:\n  rank: 4\n")
+    result = run("plan", str(recipe))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "lora.rank: unknown key — did you mean lora.r?" in result.stderr
+
+
+def test_targets_that_match_nothing_exit_2_with_names(tmp_path, tiny_model_dir):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, "lora:\n  target_modules: [query, value]\n")
+    result = run("plan", str(recipe))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "matches no linear layer" in result.stderr and "['query', 'value']" in result.stderr
+    assert "q_proj" in result.stderr
+
+
+def test_missing_recipe_and_unloadable_base(tmp_path):
+    result = run("plan", str(tmp_path / "none.yaml"))
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    result = run("plan", str(tiny_recipe(tmp_path, empty)))
+    assert result.returncode == 2 and "no config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.startswith("lorafit ")

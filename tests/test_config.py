@@ -1,0 +1,140 @@
+"""Recipe loading: every mistake is a LorafitError that names the file, line or --set, and the key path."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafit.config import Recipe, RegexTarget, load_recipe
+from lorafit.errors import LorafitError
+
+from .conftest import REPO, write_recipe
+
+MINIMAL = """\
+data:
+  train: {train}
+lora:
+  r: 8
+"""
+
+
+@pytest.fixture
+def train_file(tmp_path: Path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n')
+    return path
+
+
+def recipe_error(path: Path, overrides=None) -> str:
+    with pytest.raises(LorafitError) as err:
+        load_recipe(path, overrides)
+    return str(err.value)
+
+
+def test_defaults_and_resolved_paths(tmp_path, train_file):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", MINIMAL.format(train=train_file)))
+    assert recipe.lora.r == 8 and recipe.lora.alpha == 32 and recipe.lora.target_modules == "all-linear"
+    assert recipe.train.epochs == 1.0 and recipe.train.max_steps is None
+    assert recipe.data.train == str(train_file.resolve())
+    assert Recipe.model_validate(yaml.safe_load(recipe.to_yaml())) == recipe  # resolved recipe round-trips
+
+
+def test_relative_data_path_falls_back_to_recipe_folder(tmp_path, train_file, monkeypatch):
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", MINIMAL.format(train="train.jsonl")))
+    assert recipe.data.train == str(train_file.resolve())
+
+
+def test_unknown_key_suggests_nearest(tmp_path, train_file):
+    path = write_recipe(tmp_path / "r.yaml", f"data:\n  train: {train_file}\nlora:\n  rank: 8\n  alpah: 3\n")
+    message = recipe_error(path)
+    assert f"{path}:4  lora.rank: unknown key — did you mean lora.r?" in message
+    assert f"{path}:5  lora.alpah: unknown key — did you mean lora.alpha?" in message
+    assert "2 problems" in message
+
+
+def test_key_in_wrong_section_says_where_it_belongs(tmp_path, train_file):
+    path = write_recipe(tmp_path / "r.yaml", f"data:\n  train: {train_file}\nlora:\n  micro_batch_size: 2\n")
+    assert "lora.micro_batch_size: unknown key — micro_batch_size belongs in the train section" in recipe_error(path)
+
+
+def test_wrong_type_and_bad_values_all_reported_together(tmp_path, train_file):
+    text = (f"data:\n  train: {train_file}\n  format: markdown\nlora:\n  r: 0\n  alpha: -1\n  dropout: 1.0\n"
+            "train:\n  lr: fast\n  scheduler: cosine_with_restarts\nmodel:\n  dtype: float8\n")
+    path = write_recipe(tmp_path / "r.yaml", text)
+    message = recipe_error(path)
+    assert "7 problems" in message
+    assert f"{path}:5  lora.r: input should be greater than or equal to 1 (got 0)" in message
+    assert f"{path}:6  lora.alpha: input should be greater than 0 (got -1)" in message
+    assert f"{path}:7  lora.dropout: input should be less than 1 (got 1.0)" in message
+    assert f"{path}:9  train.lr: input should be a valid number" in message and "'fast'" in message
+    assert "train.scheduler: input should be 'constant', 'linear' or 'cosine'" in message
+    assert "model.dtype:" in message and "data.format:" in message
+
+
+def test_missing_data_file(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", "data:\n  train: nowhere/train.jsonl\n")
+    message = recipe_error(path)
+    assert "data.train: file 'nowhere/train.jsonl' does not exist" in message
+
+
+def test_missing_required_section(tmp_path):
+    message = recipe_error(write_recipe(tmp_path / "r.yaml", "lora:\n  r: 4\n"))
+    assert "data: required key is missing" in message
+
+
+def test_missing_gguf_and_package(tmp_path, train_file):
+    path = write_recipe(tmp_path / "r.yaml", f"data:\n  train: {train_file}\nmodel:\n  base: ./nope.gguf\n")
+    assert "model.base: './nope.gguf' does not exist" in recipe_error(path)
+    path = write_recipe(tmp_path / "r.yaml", f"data:\n  train: {train_file}\nmodel:\n  base: pkg:no_such_pkg/m.gguf\n")
+    assert "package 'no_such_pkg' is not installed" in recipe_error(path)
+
+
+def test_target_modules_shapes(tmp_path, train_file):
+    base = f"data:\n  train: {train_file}\nlora:\n  target_modules: "
+    listed = load_recipe(write_recipe(tmp_path / "a.yaml", base + "[q_proj, v_proj]")).lora.target_modules
+    assert listed == ["q_proj", "v_proj"]
+    regex = load_recipe(write_recipe(tmp_path / "b.yaml", base + "{regex: '.*q_proj'}")).lora.target_modules
+    assert regex == RegexTarget(regex=".*q_proj")
+    assert "lora.target_modules: must be 'all-linear'" in recipe_error(write_recipe(tmp_path / "c.yaml", base + "7"))
+    assert "lora.target_modules: must be 'all-linear'" in recipe_error(write_recipe(tmp_path / "d.yaml", base + "[]"))
+    assert "not a valid regular expression" in recipe_error(write_recipe(tmp_path / "e.yaml", base + "{regex: '(q'}"))
+
+
+def test_conflicting_settings(tmp_path, train_file):
+    path = write_recipe(tmp_path / "r.yaml", f"data:\n  train: {train_file}\n  eval: {train_file}\n"
+                        "  val_fraction: 0.1\ntrain:\n  max_steps: 5\n  epochs: 2\n")
+    message = recipe_error(path)
+    assert "data.eval or data.val_fraction, not both" in message
+    assert "train.max_steps or train.epochs, not both" in message
+
+
+def test_overrides_are_yaml_scalars_and_name_the_set(tmp_path, train_file):
+    path = write_recipe(tmp_path / "r.yaml", MINIMAL.format(train=train_file))
+    recipe = load_recipe(path, ["lora.r=4", "train.lr=1.0e-4", "lora.target_modules=[q_proj]", "output.overwrite=true"])
+    got = (recipe.lora.r, recipe.train.lr, recipe.lora.target_modules, recipe.output.overwrite)
+    assert got == (4, 1e-4, ["q_proj"], True)
+    assert load_recipe(path, ["train.lr=1e-4"]).train.lr == 1e-4  # YAML 1.1 reads 1e-4 as text; still a number
+    message = recipe_error(path, ["lora.r=-2"])
+    assert "--set lora.r=-2  lora.r: input should be greater than or equal to 1 (got -2)" in message
+    assert "did you mean lora.r?" in recipe_error(path, ["lora.rank=4"])
+    assert "expected KEY.PATH=VALUE" in recipe_error(path, ["lora.r"])
+    assert "lora.r is a value, not a section" in recipe_error(path, ["lora.r.x=1"])
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", "data:\n  train: a.jsonl\nlora: [r: 4\n")
+    message = recipe_error(path)
+    assert str(path) in message and "not valid YAML" in message
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    assert "must be a mapping" in recipe_error(write_recipe(tmp_path / "r.yaml", "- a\n- b\n"))
+    assert "does not exist" in recipe_error(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(path)
+    assert Path(recipe.data.train).is_file()
