@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,27 +54,41 @@ class _ModuleTensors:
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | None = None) -> Path:
     """Write the model's LoRA weights and config to ``out_dir``, atomically (temp folder, then rename)."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_adapter_files(model, tmp, base_model_name)
+    return out_dir
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``final``; on success it replaces ``final``, on error it vanishes.
+
+    Readers therefore see either the old complete folder or the new complete one, never half of one.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_adapter_files(model: nn.Module, folder: Path, base_model_name: str | None = None) -> None:
     modules = lora_modules(model)
     if not modules:
         raise ValueError("save_adapter: the model has no LoRA layers")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         f"{KEY_PREFIX}{name}.{part}": param.detach().contiguous().cpu()
         for name, module in modules.items()
         for part, param in module.adapter_params().items()
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        config = adapter_config(modules, base_model_name)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    config = adapter_config(modules, base_model_name)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def adapter_config(modules: dict[str, LoRALinear], base_model_name: str | None) -> dict[str, Any]:
@@ -224,3 +240,16 @@ def _check_fit(model: nn.Module, per_module: dict[str, _ModuleTensors], adapter_
             f"adapter {adapter_dir} does not fit this base model (was it trained on another base?):\n"
             + "\n".join(f"  {p}" for p in shown)
         )
+
+
+def restore_adapter_weights(model: nn.Module, folder: Path) -> None:
+    """Copy saved A/B weights into a model already injected with the same recipe (used by --resume)."""
+    tensors = _read_weights(folder)
+    for name, module in lora_modules(model).items():
+        for part, param in module.adapter_params().items():
+            key = f"{KEY_PREFIX}{name}.{part}"
+            if key not in tensors or tensors[key].shape != param.shape:
+                raise LorafitError(f"{folder}: checkpoint does not match this recipe's LoRA layers ({key}); "
+                                   "resume with the recipe that wrote it")
+            with torch.no_grad():
+                param.copy_(tensors[key])

@@ -91,6 +91,43 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
     console.print(targeting_table(report))
 
 
+@app.command()
+@user_errors
+def train(
+    recipe: RecipeArg,
+    overrides: SetOption = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the latest checkpoint in output.dir.")
+    ] = False,
+    resume_from: Annotated[
+        Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.", show_default=False)
+    ] = None,
+) -> None:
+    """Fine-tune the recipe's base model with LoRA; writes the adapter, checkpoints, metrics and a loss plot."""
+    from lorafit.config import load_recipe
+    from lorafit.train import train as run_training
+
+    loaded = load_recipe(recipe, overrides)
+    summary = run_training(loaded, str(resume_from) if resume_from else ("latest" if resume else None), console)
+    console.print(summary_table(summary))
+
+
+def summary_table(summary) -> Table:
+    table = Table(title="run summary", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    fmt = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    table.add_row("steps", str(summary.steps))
+    table.add_row("final train loss", fmt(summary.train_loss))
+    if summary.eval_data is not None:
+        table.add_row("eval loss", f"{fmt(summary.base_eval_loss)} (base) -> {fmt(summary.eval_loss)} (adapter)")
+    table.add_row("wall time", f"{summary.wall_seconds:.1f} s")
+    table.add_row("throughput", f"{summary.tokens_per_second:,.0f} tokens/s (training steps only)")
+    table.add_row("peak memory", f"{summary.peak_memory_bytes / 2**30:.2f} GiB")
+    table.add_row("adapter", str(summary.adapter_dir))
+    return table
+
+
 def targeting_table(report) -> Table:
     """Module kinds wrapped, how many, and the parameters they add (shared with `train` later)."""
     table = Table(title="LoRA targets", title_justify="left")

@@ -1,0 +1,289 @@
+"""Training data: load rows (datasets), render them as text segments, tokenize, mask, pack, collate.
+
+Every example becomes a list of ``(text, trained)`` segments, tokenized one by one and concatenated.
+Tokenizing the prompt on its own is exactly what happens at inference time, so the model is trained on
+the same token boundary it will later be asked to continue from. Labels are ``-100`` on untrained
+segments (when ``train_on_inputs`` is false) and on padding, decided by position — never by comparing
+ids with the pad token, which in many tokenizers is the same id as EOS.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafit.config import DataConfig
+from lorafit.errors import LorafitError
+
+IGNORE_INDEX = -100
+Segments = list[tuple[str, bool]]
+
+
+@dataclass
+class TokenizedData:
+    """Tokenized examples plus what happened on the way, for the run summary."""
+
+    examples: list[dict[str, list[int]]]  # each: input_ids, labels (same length)
+    source: str
+    rows: int
+    truncated: int = 0
+    skipped: int = 0
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in self.examples)
+
+
+def load_rows(source: str) -> list[dict[str, Any]]:
+    """Rows of a local file (jsonl/json/csv/txt/parquet) or of a hub dataset's train split, as dicts.
+
+    Text formats are parsed here, not by ``datasets``: its JSON/CSV readers infer column types, and
+    would turn a completion like "2021-03-03" into a timestamp. Parsing ourselves also gives exact
+    line numbers in errors. Parquet files (already typed) and hub datasets go through ``datasets``.
+    """
+    suffix = Path(source).suffix
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(Path(source))
+        if suffix == ".json":
+            return _read_json(Path(source))
+        if suffix == ".csv":
+            with open(source, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        if suffix == ".txt":
+            return [{"text": line} for line in Path(source).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise LorafitError(f"{source}: could not be read ({err})") from None
+    return _load_with_datasets(source, parquet=suffix == ".parquet")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            message = f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object"
+            raise LorafitError(message) from None
+        if not isinstance(row, dict):
+            raise LorafitError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LorafitError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    rows = content.get("data") if isinstance(content, dict) else content
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise LorafitError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+    return rows
+
+
+def _load_with_datasets(source: str, parquet: bool) -> list[dict[str, Any]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if parquet:
+            dataset = datasets.load_dataset("parquet", data_files=source, split="train")
+        else:
+            dataset = datasets.load_dataset(source, split="train")
+    except Exception as err:  # datasets raises many types; all mean "this source cannot be read"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = "" if parquet else " (not a local file, so it was tried as a hub dataset, which needs network)"
+        raise LorafitError(f"data: {source!r} could not be loaded{where}: {first}") from None
+    return dataset.to_list()
+
+
+def example_segments(row: dict[str, Any], data_format: str, tokenizer, where: str) -> Segments:
+    """One row -> text segments, each marked trained or not. ``where`` is "file:line" for errors."""
+    if data_format == "text":
+        return [(_field(row, "text", where), True), (tokenizer.eos_token, True)]
+    if data_format == "chat":
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not all(_is_message(m) for m in messages):
+            raise LorafitError(f"{where}: format chat needs 'messages': a list of {{role, content}} objects")
+        return chat_segments(messages, tokenizer, where)
+    if data_format == "alpaca":
+        instruction = _field(row, "instruction", where)
+        extra = row.get("input") or ""
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        return prompt_completion_segments(prompt, _field(row, "output", where), tokenizer, where)
+    return prompt_completion_segments(_field(row, "prompt", where), _field(row, "completion", where), tokenizer, where)
+
+
+def prompt_completion_segments(prompt: str, completion: str, tokenizer, where: str) -> Segments:
+    """A user turn and an assistant turn with the chat template, else prompt + completion + EOS."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return chat_segments(messages, tokenizer, where)
+    return [(prompt, False), (completion + tokenizer.eos_token, True)]
+
+
+def chat_segments(messages: list[dict[str, str]], tokenizer, where: str) -> Segments:
+    """Split the rendered conversation at each assistant turn; every assistant turn is trained.
+
+    An assistant turn's text is what the template adds after the generation prompt, up to and including
+    its end-of-turn token, so the model learns to stop. This relies on the template rendering each
+    conversation as a prefix of the longer one, which we check instead of assume.
+    """
+    if not tokenizer.chat_template:
+        raise LorafitError(f"{where}: format chat needs a tokenizer with a chat template; this one has none")
+    segments: Segments = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:index], generation_prompt=True)
+        full = _render(tokenizer, messages[: index + 1], generation_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise LorafitError(f"{where}: the tokenizer's chat template does not render this conversation "
+                               "turn by turn (each prefix must render as a prefix); use format text instead")
+        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    if not segments:
+        raise LorafitError(f"{where}: conversation has no assistant message to train on")
+    tail = _render(tokenizer, messages, generation_prompt=False)[len(done):]
+    return segments + ([(tail, False)] if tail else [])
+
+
+def tokenize_segments(segments: Segments, tokenizer, train_on_inputs: bool, bos_id: int | None) -> dict[str, list[int]]:
+    input_ids: list[int] = [] if bos_id is None else [bos_id]
+    labels: list[int] = [] if bos_id is None else [bos_id if train_on_inputs else IGNORE_INDEX]
+    for text, trained in segments:
+        if not text:
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if (trained or train_on_inputs) else [IGNORE_INDEX] * len(ids)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_rows(rows: list[dict[str, Any]], data: DataConfig, tokenizer, source: str) -> TokenizedData:
+    """Tokenize and mask every row; truncate at max_seq_len; skip rows with nothing trainable left."""
+    if not rows:
+        raise LorafitError(f"{source}: the dataset is empty; it needs at least one example")
+    line_offset = 2 if source.endswith(".csv") else 1  # a CSV's first line is its header
+    bos_id = _bos_to_prepend(tokenizer) if data.format in ("text",) or not tokenizer.chat_template else None
+    result = TokenizedData(examples=[], source=source, rows=len(rows))
+    for number, row in enumerate(rows):
+        where = f"{source}:{number + line_offset}" if Path(source).suffix else f"{source} row {number}"
+        example = tokenize_segments(example_segments(row, data.format, tokenizer, where), tokenizer,
+                                    data.train_on_inputs, bos_id)
+        if len(example["input_ids"]) > data.max_seq_len:
+            example = {key: value[: data.max_seq_len] for key, value in example.items()}
+            result.truncated += 1
+        # Shifted by one inside the loss: label k is predicted from tokens < k, so label 0 never counts.
+        if all(label == IGNORE_INDEX for label in example["labels"][1:]):
+            result.skipped += 1  # the prompt alone fills max_seq_len: nothing left to learn from
+            continue
+        result.examples.append(example)
+    if not result.examples:
+        raise LorafitError(f"{source}: all {len(rows)} examples were skipped because their prompt alone reaches "
+                           f"data.max_seq_len={data.max_seq_len}; raise data.max_seq_len")
+    return result
+
+
+def load_tokenized(source: str, data: DataConfig, tokenizer) -> TokenizedData:
+    return tokenize_rows(load_rows(source), data, tokenizer, source)
+
+
+def split_validation(train: TokenizedData, fraction: float, seed: int) -> tuple[TokenizedData, TokenizedData]:
+    """Hold out ``fraction`` of the training examples (at least one), chosen by a seeded permutation."""
+    count = len(train.examples)
+    held = max(1, math.floor(count * fraction))
+    if held >= count:
+        raise LorafitError(f"data.val_fraction={fraction} leaves no training examples out of {count}")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    keep, hold = sorted(order[held:]), sorted(order[:held])
+    pick = lambda indices: [train.examples[i] for i in indices]  # noqa: E731
+    return (
+        TokenizedData(pick(keep), train.source, len(keep), train.truncated, train.skipped),
+        TokenizedData(pick(hold), f"{train.source} (val_fraction {fraction})", len(hold)),
+    )
+
+
+def pack(examples: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[str, list[int]]]:
+    """Greedily concatenate examples into rows of up to max_seq_len tokens, in order.
+
+    Each example restarts ``position_ids`` at 0; with no attention mask, transformers reads those resets
+    as sequence boundaries and builds a block-diagonal causal mask, so no example attends to another.
+    The first token of each example gets label -100: in the packed row it would otherwise be "predicted"
+    from the previous example's last token, a target the unpacked example never has.
+    """
+    rows: list[dict[str, list[int]]] = []
+    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for example in examples:
+        length = len(example["input_ids"])
+        if current["input_ids"] and len(current["input_ids"]) + length > max_seq_len:
+            rows.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += example["input_ids"]
+        current["labels"] += [IGNORE_INDEX] + example["labels"][1:]
+        current["position_ids"] += list(range(length))
+    if current["input_ids"]:
+        rows.append(current)
+    return rows
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row. Padding gets label -100 and is kept out of attention.
+
+    Packed rows carry position_ids and get no attention mask (see ``pack``); their padding continues
+    as one more "sequence" whose positions restart at 0, which attends only to itself and is never a target.
+    """
+    width = max(len(row["input_ids"]) for row in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    packed = "position_ids" in batch[0]
+    extra = torch.zeros((len(batch), width), dtype=torch.long)  # position_ids if packed, else attention_mask
+    for i, row in enumerate(batch):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        if packed:
+            extra[i, :n] = torch.tensor(row["position_ids"])
+            extra[i, n:] = torch.arange(width - n)
+        else:
+            extra[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "position_ids" if packed else "attention_mask": extra}
+
+
+def _field(row: dict[str, Any], name: str, where: str) -> str:
+    value = row.get(name)
+    if not isinstance(value, str):
+        present = ", ".join(sorted(row)) or "none"
+        problem = "is missing" if value is None else f"must be text, got {type(value).__name__}"
+        raise LorafitError(f"{where}: field {name!r} {problem} (fields present: {present}); "
+                           "check data.format or the file")
+    return value
+
+
+def _is_message(message: Any) -> bool:
+    return isinstance(message, dict) and all(isinstance(message.get(key), str) for key in ("role", "content"))
+
+
+def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    if not messages and not generation_prompt:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _bos_to_prepend(tokenizer) -> int | None:
+    """Prepend BOS to plain-text examples only if this tokenizer adds one by itself (its model expects it)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
