@@ -143,15 +143,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
             step_start = time.perf_counter()
             model.train()
             micro = [batches.get(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-            # Normalise by the trained tokens of the whole accumulated batch, so grad_accum=2 with B
-            # rows equals one batch of 2B rows (not a mean of per-micro-batch means).
-            target_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b, _ in micro)
-            step_loss = 0.0
-            for batch, _ in micro:
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                loss = token_loss_sum(model, batch) / max(target_tokens, 1)
-                accelerator.backward(loss)
-                step_loss += loss.item()
+            step_loss = accumulate_gradients(model, [batch for batch, _ in micro], accelerator)
             if not math.isfinite(step_loss):
                 last = latest_checkpoint(out)
                 kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
@@ -231,6 +223,22 @@ def make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
 
     hf_name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[name]
     return get_scheduler(hf_name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], accelerator) -> float:
+    """Backward over one optimizer step's micro-batches; returns the step's loss per trained token.
+
+    Each micro-batch's summed loss is divided by the trained tokens of the whole step, so grad_accum=2
+    with B rows gives the same gradient as one batch of 2B rows (not a mean of per-batch means).
+    """
+    target_tokens = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches), 1)
+    step_loss = 0.0
+    for batch in micro_batches:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        loss = token_loss_sum(model, batch) / target_tokens
+        accelerator.backward(loss)
+        step_loss += loss.item()
+    return step_loss
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,206 @@
+"""The training loop on a tiny random Llama: files, resume, accumulation, checkpointing, errors."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorafit.config import DataConfig, LoRAConfig, load_recipe
+from lorafit.data import collate, tokenize_rows
+from lorafit.errors import LorafitError
+from lorafit.inject import inject_lora
+from lorafit.train import accumulate_gradients, make_accelerator
+from lorafit.train import train as run_training
+
+from .conftest import tiny_model, tiny_tokenizer, write_recipe
+
+ROWS = [{"prompt": f"Convert {m} {d}, {1990 + d}", "completion": f"{1990 + d}-{m:02d}-{d:02d}"}
+        for m in range(1, 5) for d in range(1, 9)]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:6]))
+    return tmp_path
+
+
+def recipe_at(run_dir: Path, *overrides: str, out: str = "out"):
+    text = f"""\
+model: {{base: {run_dir / 'tiny-llama'}, dtype: float32}}
+lora: {{r: 4, alpha: 8, dropout: 0.1}}
+data: {{train: {run_dir / 'train.jsonl'}, eval: {run_dir / 'eval.jsonl'}, max_seq_len: 64}}
+train: {{max_steps: 6, micro_batch_size: 4, lr: 1.0e-2, warmup_steps: 1, precision: "no", eval_every: 3,
+         save_every: 2, keep_last: 2, seed: 0}}
+output: {{dir: {run_dir / out}}}
+"""
+    return load_recipe(write_recipe(run_dir / "recipe.yaml", text), list(overrides))
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["event"] == "train"]
+
+
+def test_run_writes_every_file_and_learns(run_dir):
+    summary = run_training(recipe_at(run_dir))
+    out = run_dir / "out"
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["adapter", "checkpoints", "loss.png", "metrics.jsonl", "recipe.yaml"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000004").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "training_state.pt"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert [step for step, _ in losses(out)] == [1, 2, 3, 4, 5, 6]
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [0, 3, 6]
+    assert summary.eval_loss < summary.base_eval_loss
+    assert (out / "loss.png").stat().st_size > 1000
+    assert load_recipe(out / "recipe.yaml").lora.r == 4  # the resolved recipe is itself a valid recipe
+    assert not [p for p in out.rglob(".*")]  # no temp folders left behind
+
+
+def test_keep_last_prunes_old_checkpoints(run_dir):
+    run_training(recipe_at(run_dir, "train.max_steps=7", "train.save_every=1", "train.keep_last=2"))
+    assert sorted(p.name for p in (run_dir / "out" / "checkpoints").iterdir()) == ["step-000005", "step-000006"]
+
+
+def test_interrupted_then_resumed_run_matches_uninterrupted(run_dir, monkeypatch):
+    run_training(recipe_at(run_dir, out="straight"))
+    expected = losses(run_dir / "straight")
+
+    # Ctrl-C arrives while step 3 is being logged; the loop checkpoints after step 3 and stops.
+    from lorafit import train as train_module
+
+    original_write = train_module.MetricsLog.write
+
+    def write_and_interrupt(self, record):
+        original_write(self, record)
+        if record.get("event") == "train" and record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train_module.MetricsLog, "write", write_and_interrupt)
+    with pytest.raises(LorafitError, match="interrupted after step 3"):
+        run_training(recipe_at(run_dir, out="resumed"))
+    monkeypatch.setattr(train_module.MetricsLog, "write", original_write)
+    assert not (run_dir / "resumed" / "adapter").exists()
+    assert (run_dir / "resumed" / "checkpoints" / "step-000003").is_dir()
+
+    with pytest.raises(LorafitError, match="already holds a run"):
+        run_training(recipe_at(run_dir, out="resumed"))
+    run_training(recipe_at(run_dir, out="resumed"), resume="latest")
+    assert losses(run_dir / "resumed") == expected  # exact, step by step (CPU is deterministic)
+    straight = load_file(run_dir / "straight" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(run_dir / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_resume_without_checkpoint_is_an_error(run_dir):
+    with pytest.raises(LorafitError, match="no checkpoint"):
+        run_training(recipe_at(run_dir), resume="latest")
+
+
+def test_overwrite_replaces_previous_run(run_dir):
+    run_training(recipe_at(run_dir, "train.max_steps=2"))
+    run_training(recipe_at(run_dir, "train.max_steps=3", "output.overwrite=true"))
+    assert [step for step, _ in losses(run_dir / "out")] == [1, 2, 3]
+
+
+def micro_batches(sizes: list[int]):
+    tokenizer = tiny_tokenizer()
+    examples = tokenize_rows(ROWS[:8], DataConfig(train="x.jsonl"), tokenizer, "x.jsonl").examples
+    batches, start = [], 0
+    for size in sizes:
+        batches.append(collate(examples[start : start + size], pad_id=0))
+        start += size
+    return batches
+
+
+def lora_grads(model, batches) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    accumulate_gradients(model, batches, make_accelerator("no", "adamw"))
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def wrapped_model(**lora):
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, **lora))
+    with torch.no_grad():  # non-zero B so every adapter weight gets a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    return model.train()
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    model = wrapped_model()
+    accumulated = lora_grads(model, micro_batches([4, 4]))
+    whole = lora_grads(model, micro_batches([8]))
+    for name in whole:
+        # different padding widths and summation order: equal up to fp32 rounding
+        torch.testing.assert_close(accumulated[name], whole[name], atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_same_lora_gradients():
+    model = wrapped_model()
+    plain = lora_grads(model, micro_batches([8]))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = lora_grads(model, micro_batches([8]))
+    assert model.model.gradient_checkpointing
+    for name in plain:
+        assert checkpointed[name].abs().sum() > 0
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_run(run_dir):
+    summary = run_training(recipe_at(run_dir, "train.gradient_checkpointing=true", "train.max_steps=2"))
+    assert summary.steps == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("", "the dataset is empty"), ('{"prompt": "a"}\n', "field 'completion' is missing"),
+     ('{"prompt": "a", "completion": "b"\n', "not valid JSON")],
+    ids=["empty", "missing-field", "bad-json"],
+)
+def test_bad_data_writes_nothing(run_dir, content, message):
+    (run_dir / "train.jsonl").write_text(content)
+    with pytest.raises(LorafitError, match=message):
+        run_training(recipe_at(run_dir))
+    assert not (run_dir / "out").exists()
+
+
+def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(run_dir, monkeypatch):
+    from lorafit import train as train_module
+
+    original = train_module.token_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        loss = original(model, batch)
+        calls["n"] += int(model.training)  # one training micro-batch per step here
+        return loss * float("nan") if model.training and calls["n"] > 4 else loss
+
+    monkeypatch.setattr(train_module, "token_loss_sum", poisoned)
+    with pytest.raises(LorafitError, match=r"loss became nan at step 5.*step-000004"):
+        run_training(recipe_at(run_dir, "data.eval=null"))
+    assert not (run_dir / "out" / "adapter").exists()
+    assert (run_dir / "out" / "checkpoints" / "step-000004").is_dir()
+
+
+def test_fp16_on_cpu_is_refused(run_dir):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    with pytest.raises(LorafitError, match="fp16 needs a CUDA GPU"):
+        run_training(recipe_at(run_dir, "train.precision=fp16"))
+    assert not (run_dir / "out").exists()
+
+
+def test_val_fraction_and_packing_run(run_dir):
+    summary = run_training(recipe_at(run_dir, "data.eval=null", "data.val_fraction=0.25", "data.packing=true",
+                                     "train.max_steps=2"))
+    assert len(summary.eval_data.examples) == 8 and len(summary.train_data.examples) == 24
