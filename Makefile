@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/lorafit plan configs/quickstart.yaml
+	$(VENV)/bin/lorafit train configs/quickstart.yaml --set output.overwrite=true
 
 test: install
 	$(PY) -m pytest -q -m "not slow"

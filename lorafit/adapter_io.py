@@ -9,12 +9,7 @@ plain-LoRA adapter PEFT writes loads here. Safetensors only: no pickle is ever r
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorafit.errors import LorafitError
+from lorafit.files import atomic_dir
 from lorafit.inject import lora_modules, set_trainable, wrap_module
 from lorafit.lora import LoRALinear
 
@@ -58,23 +54,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | N
     with atomic_dir(out_dir) as tmp:
         write_adapter_files(model, tmp, base_model_name)
     return out_dir
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``final``; on success it replaces ``final``, on error it vanishes.
-
-    Readers therefore see either the old complete folder or the new complete one, never half of one.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_adapter_files(model: nn.Module, folder: Path, base_model_name: str | None = None) -> None:

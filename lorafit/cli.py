@@ -12,10 +12,10 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from lorafit import __version__
 from lorafit.errors import LorafitError
+from lorafit.report import summary_table, targeting_table
 
 app = typer.Typer(
     help="Fine-tune Hugging Face causal language models with LoRA from one YAML recipe.",
@@ -61,9 +61,9 @@ def main(
     ] = False,
 ) -> None:
     """Fine-tune Hugging Face causal language models with LoRA from one YAML recipe."""
-    # Models come from local folders, .gguf files or installed packages unless a hub id is given;
-    # keep the hub libraries quiet about telemetry and progress noise either way.
+    # lorafit draws its own progress; the libraries' per-file bars would only interleave with it.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
@@ -110,36 +110,3 @@ def train(
     loaded = load_recipe(recipe, overrides)
     summary = run_training(loaded, str(resume_from) if resume_from else ("latest" if resume else None), console)
     console.print(summary_table(summary))
-
-
-def summary_table(summary) -> Table:
-    table = Table(title="run summary", title_justify="left", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    fmt = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
-    table.add_row("steps", str(summary.steps))
-    table.add_row("final train loss", fmt(summary.train_loss))
-    if summary.eval_data is not None:
-        table.add_row("eval loss", f"{fmt(summary.base_eval_loss)} (base) -> {fmt(summary.eval_loss)} (adapter)")
-    table.add_row("wall time", f"{summary.wall_seconds:.1f} s")
-    table.add_row("throughput", f"{summary.tokens_per_second:,.0f} tokens/s (training steps only)")
-    table.add_row("peak memory", f"{summary.peak_memory_bytes / 2**30:.2f} GiB")
-    table.add_row("adapter", str(summary.adapter_dir))
-    return table
-
-
-def targeting_table(report) -> Table:
-    """Module kinds wrapped, how many, and the parameters they add (shared with `train` later)."""
-    table = Table(title="LoRA targets", title_justify="left")
-    table.add_column("module")
-    table.add_column("count", justify="right")
-    table.add_column("trainable params", justify="right")
-    for kind, count in report.kinds.items():
-        table.add_row(kind, str(count), f"{report.kind_params[kind]:,}")
-    table.add_section()
-    table.add_row(
-        "[bold]total[/]",
-        str(sum(report.kinds.values())),
-        f"[bold]{report.trainable:,}[/] of {report.total:,} ({report.trainable_percent:.3f}%)",
-    )
-    return table

@@ -23,8 +23,8 @@ def tiny_recipe(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:
 def test_help_lists_only_built_commands():
     result = run("--help")
     assert result.returncode == 0
-    assert "plan" in result.stdout
-    for missing in ("train", "merge", "eval", "generate"):
+    assert "plan" in result.stdout and "train" in result.stdout
+    for missing in ("merge", "eval", "generate"):
         assert f" {missing} " not in result.stdout
 
 
@@ -68,6 +68,25 @@ def test_missing_recipe_and_unloadable_base(tmp_path):
     empty.mkdir()
     result = run("plan", str(tiny_recipe(tmp_path, empty)))
     assert result.returncode == 2 and "no config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_model_dir):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, f"output:\n  dir: {tmp_path / 'out'}\n")
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a"}\n')
+    result = run("train", str(recipe))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train.jsonl:1: field 'completion' is missing" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_runs_from_the_command_line(tmp_path, tiny_model_dir):
+    extra = f"train:\n  max_steps: 2\n  precision: 'no'\noutput:\n  dir: {tmp_path / 'out'}\n"
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, extra)
+    result = run("train", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert "run summary" in result.stdout and (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    again = run("train", str(recipe))
+    assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
 def test_version():

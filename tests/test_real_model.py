@@ -31,3 +31,40 @@ def test_plan_q_v_only_on_real_model():
     result = run("plan", "configs/quickstart.yaml", "--set", "lora.target_modules=[q_proj, v_proj]", cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert f"{Q_V_R16:,} of" in result.stdout
+
+
+def test_gguf_conversion_cache_matches_direct_gguf_load(tmp_path, monkeypatch):
+    """The cached fp32 folder must be the GGUF model: same tokens, same logits (exactly)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from lorafit.config import ModelConfig, locate_package_file
+    from lorafit.model import load_base_model, load_tokenizer
+
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path))
+    cfg = ModelConfig(dtype="float32")
+    model, tokenizer = load_base_model(cfg), load_tokenizer(cfg)
+    assert len(list((tmp_path / "gguf").iterdir())) == 1
+    gguf = locate_package_file(cfg.base)
+    direct_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                  quantization_config=GgufConfig(dequantize=True))
+    messages = [{"role": "user", "content": "Convert this date to ISO 8601 (YYYY-MM-DD): 3 Mar 2021"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == direct_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert torch.equal(ids, direct_tok(text, return_tensors="pt").input_ids)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, direct(ids).logits)
+
+
+def test_quickstart_trains_end_to_end(tmp_path):
+    out = tmp_path / "quickstart"
+    result = run("train", "configs/quickstart.yaml", "--set", f"output.dir={out}", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in records if r["event"] == "eval"]
+    assert evals[-1] < 0.5 * evals[0]  # the adapter at least halves the base model's eval loss
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -122,7 +122,7 @@ def micro_batches(sizes: list[int]):
 
 def lora_grads(model, batches) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    accumulate_gradients(model, batches, make_accelerator("no", "adamw"))
+    accumulate_gradients(model, batches, make_accelerator("no"))
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -204,3 +204,17 @@ def test_val_fraction_and_packing_run(run_dir):
     summary = run_training(recipe_at(run_dir, "data.eval=null", "data.val_fraction=0.25", "data.packing=true",
                                      "train.max_steps=2"))
     assert len(summary.eval_data.examples) == 8 and len(summary.train_data.examples) == 24
+
+
+def test_token_loss_matches_transformers_own_loss():
+    """Our loss (logits only where needed) against transformers' full-logits loss on the same batch."""
+    from lorafit.train import token_loss_sum
+
+    model = wrapped_model()
+    batch = micro_batches([8])[0]
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        ours = token_loss_sum(model, batch) / trained
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)
