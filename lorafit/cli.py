@@ -44,6 +44,9 @@ def user_errors(command: F) -> F:
         except LorafitError as err:
             error_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            error_console.print("[bold red]interrupted[/]")
+            raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
 

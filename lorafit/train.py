@@ -14,6 +14,7 @@ import random
 import resource
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
     cfg = recipe.train
     out = Path(recipe.output.dir)
     check_supported(cfg)
-    checkpoint = prepare_output(out, recipe.output.overwrite, resume)
+    checkpoint, stale = prepare_output(out, recipe.output.overwrite, resume)
     accelerator = make_accelerator(cfg.precision)
     warning = cpu_bf16_warning(recipe.model.dtype, cfg.precision)
     if warning:
@@ -123,6 +124,9 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
         truncate_metrics(out / "metrics.jsonl", start_step)
         console.print(f"resumed from {checkpoint} at step {start_step}")
     else:
+        # Only now, with data and model loaded fine, is the previous run (output.overwrite) removed.
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(recipe.to_yaml())
 
@@ -153,7 +157,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
                 last = latest_checkpoint(out)
                 kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
                 raise LorafitError(f"loss became {step_loss} at step {step + 1}; stopping ({kept}). "
-                                   "Lower train.lr, or use precision bf16 instead of fp16.")
+                                   "Lower train.lr or raise warmup_steps (with fp16, prefer bf16).")
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -189,8 +193,9 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
     )
 
 
-def prepare_output(out: Path, overwrite: bool, resume: str | None) -> Path | None:
-    """Refuse to mix two runs in one folder. Returns the checkpoint to resume from, if any."""
+def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path | None, list[Path]]:
+    """Refuse to mix two runs in one folder. Returns the checkpoint to resume from, if any, and the
+    previous run's files to delete (with output.overwrite) once the new run is ready to write."""
     existing = [name for name in RESULT_NAMES if (out / name).exists()]
     if resume is not None:
         checkpoint = latest_checkpoint(out) if resume == "latest" else Path(resume)
@@ -198,14 +203,11 @@ def prepare_output(out: Path, overwrite: bool, resume: str | None) -> Path | Non
             raise LorafitError(f"--resume: no checkpoint in {out / 'checkpoints'}; train without --resume")
         if not (checkpoint / STATE_NAME).is_file():
             raise LorafitError(f"--resume-from {checkpoint}: not a lorafit checkpoint (no {STATE_NAME})")
-        return checkpoint
+        return checkpoint, []
     if existing and not overwrite:
         raise LorafitError(f"output.dir {out} already holds a run ({', '.join(existing)}). Use --resume to "
                            "continue it, --set output.overwrite=true to replace it, or another output.dir")
-    for name in existing:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return None
+    return None, [out / name for name in existing]
 
 
 def check_supported(cfg: TrainConfig) -> None:
@@ -365,11 +367,15 @@ class StopRequest:
     requested = False
 
     def __enter__(self) -> StopRequest:
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        # Signal handlers can only be set from the main thread; elsewhere Ctrl-C keeps its default.
+        self._active = threading.current_thread() is threading.main_thread()
+        if self._active:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        if self._active:
+            signal.signal(signal.SIGINT, self._previous)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True

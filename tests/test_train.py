@@ -218,3 +218,11 @@ def test_token_loss_matches_transformers_own_loss():
         reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           labels=batch["labels"]).loss
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)
+
+
+def test_overwrite_keeps_previous_run_when_new_data_is_bad(run_dir):
+    run_training(recipe_at(run_dir, "train.max_steps=2"))
+    (run_dir / "train.jsonl").write_text('{"prompt": "a"}\n')
+    with pytest.raises(LorafitError, match="field 'completion' is missing"):
+        run_training(recipe_at(run_dir, "output.overwrite=true"))
+    assert (run_dir / "out" / "adapter" / "adapter_model.safetensors").is_file()
