@@ -7,7 +7,6 @@ continue bit-for-bit on CPU: adapter weights, optimizer, scheduler, RNG states a
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import random
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 
 from lorafit.adapter_io import restore_adapter_weights, save_adapter, write_adapter_files
@@ -30,6 +28,7 @@ from lorafit.data import IGNORE_INDEX, TokenizedData, collate, load_tokenized, p
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
 from lorafit.inject import InjectionReport, inject_lora, lora_modules
+from lorafit.loss import evaluate_loss, token_loss_sum
 from lorafit.model import load_base_model, load_tokenizer
 from lorafit.report import targeting_table
 
@@ -131,10 +130,14 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
         (out / "recipe.yaml").write_text(recipe.to_yaml())
 
     metrics = MetricsLog(out / "metrics.jsonl")
+
+    def eval_now() -> float:
+        return evaluate_loss(model, eval_data, cfg.micro_batch_size, tokenizer.pad_token_id, accelerator.device)
+
     base_eval_loss = None
     if eval_data is not None and start_step == 0:
         # B = 0, so this is exactly the base model: the number the adapter has to beat.
-        base_eval_loss = evaluate_loss(model, eval_data, cfg.micro_batch_size, tokenizer.pad_token_id, accelerator)
+        base_eval_loss = eval_now()
         metrics.write({"event": "eval", "step": 0, "eval_loss": base_eval_loss})
         console.print(f"step 0 (base model) eval loss {base_eval_loss:.4f}")
 
@@ -176,7 +179,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
                                "tokens_per_s": tokens / elapsed, "epoch": step / steps_per_epoch})
             progress.update(task, completed=step, loss=step_loss, lr=lr, tps=tokens / elapsed)
             if eval_data is not None and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                eval_loss = evaluate_loss(model, eval_data, cfg.micro_batch_size, tokenizer.pad_token_id, accelerator)
+                eval_loss = eval_now()
                 metrics.write({"event": "eval", "step": step, "eval_loss": eval_loss})
                 progress.console.print(f"step {step} eval loss {eval_loss:.4f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
@@ -264,43 +267,6 @@ def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], ac
         accelerator.backward(loss)
         step_loss += loss.item()
     return step_loss
-
-
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over trained positions, computed in fp32.
-
-    Position t predicts token t+1. Logits are only computed at positions whose next token is trained
-    in some row (``logits_to_keep``): the output head is the biggest matmul in a small model
-    (SmolLM2: 49,152 x 576), and prompt positions would only be thrown away by the loss.
-    """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,) positions t
-    if _accepts_logits_to_keep(model):
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
-    else:
-        logits = model(**inputs, use_cache=False).logits[:, keep]  # (B, K, V)
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    model = getattr(model, "module", model)
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-@torch.no_grad()
-def evaluate_loss(model, data: TokenizedData, micro_batch_size: int, pad_id: int, accelerator) -> float:
-    """Mean loss per trained token over the whole eval set (not a mean of batch means)."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(data.examples), micro_batch_size):
-        batch = collate(data.examples[start : start + micro_batch_size], pad_id)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        total += float(token_loss_sum(model, batch))
-        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return total / max(count, 1)
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, recipe: Recipe, keep_last: int) -> Path:

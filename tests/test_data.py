@@ -9,7 +9,7 @@ from lorafit.config import DataConfig, LoRAConfig
 from lorafit.data import IGNORE_INDEX, collate, load_rows, load_tokenized, pack, tokenize_rows
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora
-from lorafit.train import token_loss_sum
+from lorafit.loss import token_loss_sum
 
 from .conftest import tiny_model, tiny_tokenizer
 

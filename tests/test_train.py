@@ -185,7 +185,7 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(run_dir, monkey
         calls["n"] += int(model.training)  # one training micro-batch per step here
         return loss * float("nan") if model.training and calls["n"] > 4 else loss
 
-    monkeypatch.setattr(train_module, "token_loss_sum", poisoned)
+    monkeypatch.setattr(train_module, "token_loss_sum", poisoned)  # accumulate_gradients' name for it
     with pytest.raises(LorafitError, match=r"loss became nan at step 5.*step-000004"):
         run_training(recipe_at(run_dir, "data.eval=null"))
     assert not (run_dir / "out" / "adapter").exists()
@@ -208,7 +208,7 @@ def test_val_fraction_and_packing_run(run_dir):
 
 def test_token_loss_matches_transformers_own_loss():
     """Our loss (logits only where needed) against transformers' full-logits loss on the same batch."""
-    from lorafit.train import token_loss_sum
+    from lorafit.loss import token_loss_sum
 
     model = wrapped_model()
     batch = micro_batches([8])[0]
