@@ -22,7 +22,7 @@ from torch import nn
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
 from lorafit.inject import lora_modules, set_trainable, wrap_module
-from lorafit.lora import LoRALinear
+from lorafit.lora import LoRALinear, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,11 +41,18 @@ _UNSUPPORTED = {
 
 
 @dataclass
-class _ModuleTensors:
+class ModuleAdapter:
+    """One module's saved update: A [r, in], B [out, r], and the scaling the config gives it."""
+
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     r: int
     alpha: float
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | None = None) -> Path:
@@ -106,15 +113,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     """
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
-    per_module = _group_tensors(_read_weights(adapter_dir), config, adapter_dir)
+    per_module = read_adapter(adapter_dir)
     if lora_modules(model):
         raise LorafitError("this model already carries LoRA layers; load the adapter into a fresh base model")
     _check_fit(model, per_module, adapter_dir)
     dropout = float(config.get("lora_dropout") or 0.0)
-    use_rslora = bool(config.get("use_rslora", False))
     wrapped = {}
     for name, found in per_module.items():
-        module = wrap_module(model, name, r=found.r, alpha=found.alpha, dropout=dropout, use_rslora=use_rslora)
+        module = wrap_module(model, name, r=found.r, alpha=found.alpha, dropout=dropout, use_rslora=found.use_rslora)
         with torch.no_grad():
             module.lora_A.weight.copy_(found.lora_A)
             module.lora_B.weight.copy_(found.lora_B)
@@ -124,6 +130,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     else:
         model.requires_grad_(False)
     return wrapped
+
+
+def read_adapter(adapter_dir: str | Path) -> dict[str, ModuleAdapter]:
+    """Module path -> its saved update, from an adapter folder (lorafit's or PEFT's), without a model."""
+    adapter_dir = Path(adapter_dir)
+    return _group_tensors(_read_weights(adapter_dir), read_adapter_config(adapter_dir), adapter_dir)
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
@@ -159,7 +171,7 @@ def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 def _group_tensors(
     tensors: dict[str, torch.Tensor], config: dict[str, Any], adapter_dir: Path
-) -> dict[str, _ModuleTensors]:
+) -> dict[str, ModuleAdapter]:
     """``base_model.model.<path>.lora_A.weight`` keys -> per-module A, B, r and alpha."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -177,11 +189,19 @@ def _group_tensors(
             raise LorafitError(
                 f"{adapter_dir / WEIGHTS_NAME}: module {name} has {sorted(pair)} but needs both {list(_PARTS)}"
             )
-        grouped[name] = _ModuleTensors(
+        rank = int(_pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8)))
+        if pair["lora_A.weight"].ndim != 2 or pair["lora_B.weight"].shape[1:] != (rank,) \
+                or pair["lora_A.weight"].shape[0] != rank:
+            raise LorafitError(
+                f"{adapter_dir / WEIGHTS_NAME}: module {name} has lora_A {list(pair['lora_A.weight'].shape)} and "
+                f"lora_B {list(pair['lora_B.weight'].shape)}, which do not agree with r={rank} from {CONFIG_NAME}"
+            )
+        grouped[name] = ModuleAdapter(
             pair["lora_A.weight"],
             pair["lora_B.weight"],
-            r=int(_pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))),
+            r=rank,
             alpha=float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))),
+            use_rslora=bool(config.get("use_rslora", False)),
         )
     return grouped
 
@@ -194,7 +214,7 @@ def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> 
     return default
 
 
-def _check_fit(model: nn.Module, per_module: dict[str, _ModuleTensors], adapter_dir: Path) -> None:
+def _check_fit(model: nn.Module, per_module: dict[str, ModuleAdapter], adapter_dir: Path) -> None:
     problems = []
     for name, found in per_module.items():
         try:

@@ -96,6 +96,29 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
 
 @app.command()
 @user_errors
+def merge(
+    base: Annotated[str, typer.Argument(help="Base model: HF folder, hub id, .gguf file or pkg:PACKAGE/FILE.")],
+    adapter: Annotated[Path, typer.Argument(help="Adapter folder (lorafit's or PEFT's).")],
+    out: Annotated[Path, typer.Argument(help="Folder to write the merged model to.")],
+    dtype: Annotated[str, typer.Option(help="Weights dtype: bfloat16, float16 or float32.")] = "bfloat16",
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors file, e.g. 2GB or 500MB.")] = "2GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+    verify: Annotated[bool, typer.Option(help="Compare merged logits with base + adapter.")] = True,
+) -> None:
+    """Merge an adapter into full base weights that plain transformers loads (no lorafit needed)."""
+    from lorafit.merge import merge_adapter
+
+    with console.status("merging ..."):
+        result = merge_adapter(base, adapter, out, dtype, max_shard_size, overwrite, verify)
+    console.print(f"merged {result.merged_modules} modules into {result.out} ({result.shards} shard"
+                  f"{'s' if result.shards > 1 else ''}, {dtype})", highlight=False)
+    if result.max_logit_diff is not None:
+        console.print(f"verified: max |logit difference| vs base + adapter (fp32) = {result.max_logit_diff:.2e}",
+                      highlight=False)
+
+
+@app.command()
+@user_errors
 def train(
     recipe: RecipeArg,
     overrides: SetOption = None,

@@ -21,6 +21,23 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling · B @ A as an fp32 [out, in] matrix, so a bf16 merge rounds once, not at every step.
+
+    lora_A: [r, in], lora_B: [out, r]. Pure: used by LoRALinear.merge and by merging checkpoint files.
+    """
+    return (lora_B.float() @ lora_A.float()) * scaling
+
+
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W + delta computed in fp32, returned in ``dtype`` (default: W's); refuses non-finite results
+    (PEFT's safe_merge) so a broken adapter can never be written into a model."""
+    merged = weight.float() + delta.to(weight.device)
+    if not torch.isfinite(merged).all():
+        raise ValueError("merging this LoRA update gives non-finite weights")
+    return merged.to(dtype or weight.dtype)
+
+
 class LoRALinear(nn.Module):
     """A frozen linear ``base_layer`` plus a trainable low-rank update.
 
@@ -81,8 +98,8 @@ class LoRALinear(nn.Module):
         return result + update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """scaling · B @ A as an fp32 [out, in] matrix: computed in fp32 so a bf16 merge loses nothing extra."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        """scaling · B @ A, fp32, [out, in]."""
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -107,10 +124,7 @@ class LoRALinear(nn.Module):
                 f"cannot merge LoRA into a {weight.dtype} (quantized) base weight: merge into the "
                 "full-precision checkpoint instead"
             )
-        merged = weight.float() + delta.to(weight.device)
-        if not torch.isfinite(merged).all():
-            raise ValueError("merging this LoRA update gives non-finite weights; nothing was changed")
-        weight.copy_(merged.to(weight.dtype))
+        weight.copy_(merged_weight(weight, delta))
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The parameters this adapter owns, under the names PEFT saves them with."""

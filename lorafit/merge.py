@@ -1,0 +1,208 @@
+"""``lorafit merge``: fold an adapter into full base weights, shard by shard, and check the result.
+
+Works on the checkpoint files, not on a loaded model: each input shard is read, its targeted weights
+get ``W + scaling · B @ A`` (in fp32, then cast), and tensors stream into output shards. Peak memory is
+about one input shard plus one output shard, not the model twice. Everything is written into a temp
+folder that replaces OUT only after the verification passed, so a failure leaves no half-written OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lorafit.adapter_io import ModuleAdapter, read_adapter
+from lorafit.config import ModelConfig
+from lorafit.errors import LorafitError
+from lorafit.files import atomic_dir
+from lorafit.lora import lora_delta, merged_weight
+from lorafit.model import DTYPES, local_source
+
+INDEX_NAME = "model.safetensors.index.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    shards: int
+    merged_modules: int
+    max_logit_diff: float | None
+
+
+def merge_adapter(
+    base: str,
+    adapter_dir: str | Path,
+    out: str | Path,
+    dtype: str = "bfloat16",
+    max_shard_size: str = "2GB",
+    overwrite: bool = False,
+    verify: bool = True,
+) -> MergeResult:
+    out, adapter_dir = Path(out), Path(adapter_dir)
+    if dtype not in DTYPES:
+        raise LorafitError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    shard_bytes = parse_size(max_shard_size)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise LorafitError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another OUT")
+    updates = read_adapter(adapter_dir)
+    folder = base_folder(base)
+    weight_files = checkpoint_files(folder)
+    check_adapter_fits(updates, weight_files, adapter_dir)
+
+    target_dtype = DTYPES[dtype]
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp, shard_bytes)
+        for path in weight_files:
+            for key, tensor in load_file(path).items():  # one input shard in memory at a time
+                module = key.removesuffix(".weight")
+                if key.endswith(".weight") and module in updates:
+                    up = updates[module]
+                    tensor = merged_weight(tensor, lora_delta(up.lora_A, up.lora_B, up.scaling), target_dtype)
+                elif tensor.is_floating_point():
+                    tensor = tensor.to(target_dtype)
+                writer.add(key, tensor)
+        shards = writer.finish()
+        copy_model_files(folder, tmp, dtype)
+        diff = verify_merge(tmp, base, adapter_dir, target_dtype) if verify else None
+    return MergeResult(out=out, shards=shards, merged_modules=len(updates), max_logit_diff=diff)
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000 (the units transformers' max_shard_size accepts)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", text.upper())
+    if not match:
+        raise LorafitError(f"--max-shard-size {text!r}: expected a size like 2GB, 500MB or 1GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def base_folder(base: str) -> Path:
+    """A local folder holding the base checkpoint: as given, converted from GGUF, or downloaded."""
+    source = local_source(ModelConfig(base=base, dtype="float32"))
+    folder = Path(source.location)
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+        return Path(snapshot_download(base, allow_patterns=patterns))
+    except Exception as err:  # hub errors come in many types; all mean "could not fetch"
+        raise LorafitError(f"BASE {base!r} is not a local model and could not be downloaded ({err})") from None
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise LorafitError(f"{folder}: no model.safetensors or {INDEX_NAME}; lorafit merges safetensors checkpoints "
+                       "only (load the model in transformers and save_pretrained it to convert)")
+
+
+def check_adapter_fits(updates: dict[str, ModuleAdapter], weight_files: list[Path], adapter_dir: Path) -> None:
+    """Every adapted module must have a weight [out, in] matching B [out, r] @ A [r, in]; checked from headers."""
+    shapes = {}
+    for path in weight_files:
+        with safe_open(path, framework="pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    problems = []
+    for name, update in updates.items():
+        shape = shapes.get(f"{name}.weight")
+        want = (update.lora_B.shape[0], update.lora_A.shape[1])
+        if shape is None:
+            problems.append(f"module {name}: no weight {name}.weight in the base checkpoint")
+        elif shape != want:
+            problems.append(f"module {name}: base weight is {list(shape)} (out, in) but the adapter has lora_A "
+                            f"{list(update.lora_A.shape)}, lora_B {list(update.lora_B.shape)}")
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise LorafitError(f"adapter {adapter_dir} does not fit this base model (was it trained on another base?):\n"
+                           + "\n".join(f"  {p}" for p in shown))
+
+
+class ShardWriter:
+    """Collects tensors into files of at most ``max_bytes`` (a single larger tensor gets its own file)."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def finish(self) -> int:
+        """Name the files as transformers expects and write the index when there is more than one."""
+        if self.pending:
+            self._flush()
+        count = len(self.written)
+        if count == 1:
+            self.written[0][0].rename(self.folder / "model.safetensors")
+            return 1
+        weight_map = {}
+        for number, (path, keys) in enumerate(self.written, start=1):
+            name = f"model-{number:05d}-of-{count:05d}.safetensors"
+            path.rename(self.folder / name)
+            weight_map.update({key: name for key in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return count
+
+    def _flush(self) -> None:
+        path = self.folder / f".part-{len(self.written):05d}.safetensors"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+
+def copy_model_files(source: Path, target: Path, dtype: str) -> None:
+    """config (with the new dtype), generation config, tokenizer and chat template: everything but weights."""
+    for path in source.iterdir():
+        if path.is_file() and not path.name.startswith(".") and path.name != INDEX_NAME \
+                and not path.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(path, target / path.name)
+    config_path = target / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("quantization_config", None)
+    config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = dtype
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+@torch.no_grad()
+def verify_merge(merged_dir: Path, base: str, adapter_dir: Path, dtype: torch.dtype) -> float:
+    """Max |logit difference| between the merged model and base + adapter (fp32) on a short text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit.adapter_io import load_adapter
+    from lorafit.model import load_base_model
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog on 3 March 2021.", return_tensors="pt").input_ids
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
+    merged_logits = merged(ids).logits.float()
+    del merged
+    reference = load_base_model(ModelConfig(base=base, dtype="float32"))
+    load_adapter(reference, adapter_dir)
+    diff = float((reference.eval()(ids).logits - merged_logits).abs().max())
+    if diff != diff or diff == float("inf"):
+        raise LorafitError("verification failed: the merged model produces non-finite logits; nothing was written")
+    return diff

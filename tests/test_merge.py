@@ -1,0 +1,128 @@
+"""`lorafit merge`: merged weights load in plain transformers and equal base + adapter."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorafit.adapter_io import save_adapter
+from lorafit.config import LoRAConfig
+from lorafit.errors import LorafitError
+from lorafit.inject import inject_lora
+from lorafit.lora import lora_delta, merged_weight
+from lorafit.merge import merge_adapter, parse_size
+
+from .conftest import randomize_lora_B, tiny_model
+
+
+@pytest.fixture
+def adapter(tmp_path, input_ids):
+    """A lorafit adapter with non-zero B on the tiny model, plus the logits base + adapter gives."""
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize_lora_B(model)
+    save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        return tmp_path / "adapter", model(input_ids).logits
+
+
+def test_merge_is_W_plus_scaling_B_A_by_hand():
+    W = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    A = torch.tensor([[1.0, 0.0]])  # r=1, in=2
+    B = torch.tensor([[2.0], [-1.0]])  # out=2
+    expected = torch.tensor([[1.0 + 3 * 2, 2.0], [3.0 - 3 * 1, 4.0]])
+    assert torch.equal(merged_weight(W, lora_delta(A, B, scaling=3.0)), expected)
+    with pytest.raises(ValueError, match="non-finite"):
+        merged_weight(W, lora_delta(A, B * float("inf"), 1.0))
+
+
+def test_merged_model_loads_in_transformers_with_base_plus_adapter_logits(tmp_path, tiny_model_dir, adapter, input_ids):
+    adapter_dir, expected = adapter
+    result = merge_adapter(str(tiny_model_dir), adapter_dir, tmp_path / "merged", dtype="float32")
+    assert result.shards == 1 and result.merged_modules == 14
+    assert result.max_logit_diff is not None and result.max_logit_diff < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, expected, atol=1e-4, rtol=0)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert tokenizer.chat_template
+    assert (tmp_path / "merged" / "generation_config.json").is_file()
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_small_shards_write_an_index_and_still_load(tmp_path, tiny_model_dir, adapter, input_ids):
+    adapter_dir, expected = adapter
+    result = merge_adapter(str(tiny_model_dir), adapter_dir, tmp_path / "merged", dtype="float32",
+                           max_shard_size="20KB")
+    files = sorted(p.name for p in (tmp_path / "merged").glob("model*.safetensors"))
+    assert result.shards == len(files) > 3
+    assert files[0] == f"model-00001-of-{result.shards:05d}.safetensors"
+    index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_bf16_merge(tmp_path, tiny_model_dir, adapter):
+    adapter_dir, _ = adapter
+    result = merge_adapter(str(tiny_model_dir), adapter_dir, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.dtype == torch.bfloat16
+    assert result.max_logit_diff < 0.1  # bf16 weights: rounding, not a wrong merge
+
+
+def test_merge_of_peft_adapter_equals_peft_merge_and_unload(tmp_path, tiny_model_dir, input_ids):
+    peft_model = get_peft_model(tiny_model(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                             init_lora_weights=False, use_rslora=True))
+    peft_model.save_pretrained(tmp_path / "peft")
+    reference = peft_model.merge_and_unload().eval()
+    merge_adapter(str(tiny_model_dir), tmp_path / "peft", tmp_path / "merged", dtype="float32", verify=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    for name, weight in reference.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], weight, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, reference(input_ids).logits, atol=1e-5, rtol=0)
+
+
+def test_adapter_that_does_not_fit_names_module_and_shapes(tmp_path, tiny_model_dir):
+    other = tiny_model(intermediate_size=96)
+    inject_lora(other, LoRAConfig(r=2, alpha=2, target_modules=["up_proj"]))
+    save_adapter(other, tmp_path / "adapter")
+    message = r"model\.layers\.0\.mlp\.up_proj: base weight is \[64, 32\].*lora_B \[96, 2\]"
+    with pytest.raises(LorafitError, match=message):
+        merge_adapter(str(tiny_model_dir), tmp_path / "adapter", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_existing_out_needs_overwrite(tmp_path, tiny_model_dir, adapter):
+    adapter_dir, _ = adapter
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "keep.txt").write_text("mine")
+    with pytest.raises(LorafitError, match="--overwrite"):
+        merge_adapter(str(tiny_model_dir), adapter_dir, tmp_path / "merged")
+    assert (tmp_path / "merged" / "keep.txt").read_text() == "mine"
+    merge_adapter(str(tiny_model_dir), adapter_dir, tmp_path / "merged", dtype="float32", overwrite=True)
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_failed_merge_leaves_no_out(tmp_path, tiny_model_dir, adapter, monkeypatch):
+    adapter_dir, _ = adapter
+    from lorafit import merge as merge_module
+
+    def broken(*args, **kwargs):
+        raise LorafitError("verification failed")
+
+    monkeypatch.setattr(merge_module, "verify_merge", broken)
+    with pytest.raises(LorafitError):
+        merge_adapter(str(tiny_model_dir), adapter_dir, tmp_path / "merged")
+    assert list(tmp_path.glob("*merged*")) == []
+
+
+def test_parse_size():
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("10kb") == 10**4
+    with pytest.raises(LorafitError, match="expected a size"):
+        parse_size("big")
