@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from collections.abc import Callable
@@ -14,8 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from lorafit import __version__
+from lorafit.config import DEFAULT_BASE
 from lorafit.errors import LorafitError
-from lorafit.report import summary_table, targeting_table
+from lorafit.report import eval_table, summary_table, targeting_table
 
 app = typer.Typer(
     help="Fine-tune Hugging Face causal language models with LoRA from one YAML recipe.",
@@ -115,6 +117,101 @@ def merge(
     if result.max_logit_diff is not None:
         console.print(f"verified: max |logit difference| vs base + adapter (fp32) = {result.max_logit_diff:.2e}",
                       highlight=False)
+
+
+@app.command(name="eval")
+@user_errors
+def eval_command(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="Recipe: its base, its OUT/adapter and its eval data.", show_default=False)
+    ] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (any form model.base accepts).")] = None,
+    adapters: Annotated[
+        list[Path] | None, typer.Option("--adapter", help="Adapter folder; repeat to compare several.")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="Eval data file (or hub dataset).")] = None,
+    data_format: Annotated[str, typer.Option("--format", help="text | alpaca | chat | prompt_completion")] = (
+        "prompt_completion"
+    ),
+    metrics: Annotated[list[str] | None, typer.Option("--metric", help="loss and/or exact_match (repeat).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length for exact_match.")] = 32,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N examples.")] = None,
+    dtype: Annotated[str, typer.Option(help="Base model dtype: float32, bfloat16, float16, auto.")] = "float32",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+) -> None:
+    """Compare the base model with one or more adapters: loss/perplexity and exact-match generation."""
+    from lorafit.config import ModelConfig, load_recipe
+    from lorafit.evaluate import METRICS, run_eval
+
+    chosen = metrics or ["loss", "exact_match"]
+    unknown = [m for m in chosen if m not in METRICS]
+    if unknown:
+        raise LorafitError(f"--metric {unknown[0]!r}: use loss or exact_match")
+    max_seq_len = 1024
+    if recipe is not None:
+        loaded = load_recipe(recipe)
+        if loaded.data.eval is None:
+            raise LorafitError(f"{recipe}: data.eval is not set; pass --data FILE to say what to evaluate on")
+        base = base or loaded.model.base
+        model_cfg = ModelConfig(base=base, dtype=loaded.model.dtype, trust_remote_code=loaded.model.trust_remote_code)
+        adapters = adapters or [Path(loaded.output.dir) / "adapter"]
+        data, data_format, max_seq_len = data or loaded.data.eval, loaded.data.format, loaded.data.max_seq_len
+    elif base is None or data is None:
+        raise LorafitError("lorafit eval needs a RECIPE, or --base and --data (see lorafit eval --help)")
+    else:
+        model_cfg = ModelConfig(base=base, dtype=dtype)
+    if data_format not in ("text", "alpaca", "chat", "prompt_completion"):
+        raise LorafitError(f"--format {data_format!r}: use text, alpaca, chat or prompt_completion")
+    for adapter in adapters or []:
+        if not (adapter / "adapter_config.json").is_file():
+            raise LorafitError(f"--adapter {adapter}: no adapter_config.json there (train first, or check the path)")
+    with console.status("evaluating ..."):
+        results = run_eval(model_cfg, adapters or [], data, data_format, chosen, max_seq_len, limit, max_new_tokens)
+    console.print(eval_table(results))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"results": [r.to_json() for r in results]}, indent=2) + "\n")
+
+
+@app.command()
+@user_errors
+def generate(
+    base: Annotated[str, typer.Option(help="Base model (any form model.base accepts).")] = DEFAULT_BASE,
+    adapter: Annotated[Path | None, typer.Option(help="Adapter folder to apply.")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="One prompt; omit with --chat.", show_default=False)] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Interactive chat that keeps the history.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass when temperature > 0.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "float32",
+) -> None:
+    """Generate with the base model (and an adapter), streaming tokens; --chat for a conversation."""
+    from lorafit.config import ModelConfig
+    from lorafit.generate import Generator
+
+    if prompt is None and not chat:
+        raise LorafitError("give a PROMPT, or --chat for an interactive conversation")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise LorafitError("--temperature must be >= 0 and --top-p in (0, 1]")
+    generator = Generator(ModelConfig(base=base, dtype=dtype), adapter)
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    stream = functools.partial(print, end="", flush=True)
+    history: list[dict[str, str]] = []
+    if prompt is not None:
+        history.append({"role": "user", "content": prompt})
+        history.append({"role": "assistant", "content": generator.reply(history, stream, **settings)})
+        print()
+    while chat:
+        try:
+            text = input("you> ")
+        except EOFError:
+            break
+        if text.strip() in ("/exit", "/quit"):
+            break
+        history.append({"role": "user", "content": text})
+        history.append({"role": "assistant", "content": generator.reply(history, stream, **settings)})
+        print()
 
 
 @app.command()

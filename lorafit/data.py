@@ -158,6 +158,28 @@ def chat_segments(messages: list[dict[str, str]], tokenizer, where: str) -> Segm
     return segments + ([(tail, False)] if tail else [])
 
 
+def generation_example(row: dict[str, Any], data_format: str, tokenizer, where: str) -> tuple[list[int], str]:
+    """(prompt token ids, reference answer) for exact-match evaluation, with the prompt built exactly as
+    training builds it: everything before the (last) trained segment."""
+    if data_format == "text":
+        raise LorafitError("exact_match needs prompt/answer pairs: use format prompt_completion, alpaca or chat")
+    if data_format == "chat":
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not all(_is_message(m) for m in messages):
+            raise LorafitError(f"{where}: format chat needs 'messages': a list of {{role, content}} objects")
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise LorafitError(f"{where}: conversation has no assistant message to compare with")
+        prompt, reference = _render(tokenizer, messages[:last], generation_prompt=True), messages[last]["content"]
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"], reference
+    segments = example_segments(row, data_format, tokenizer, where)
+    trained = [i for i, (_, is_trained) in enumerate(segments) if is_trained]
+    prompt = "".join(text for text, _ in segments[: trained[-1]])
+    reference = _field(row, "output" if data_format == "alpaca" else "completion", where)
+    bos = _bos_to_prepend(tokenizer) if not tokenizer.chat_template else None
+    return ([bos] if bos is not None else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"], reference
+
+
 def tokenize_segments(segments: Segments, tokenizer, train_on_inputs: bool, bos_id: int | None) -> dict[str, list[int]]:
     input_ids: list[int] = [] if bos_id is None else [bos_id]
     labels: list[int] = [] if bos_id is None else [bos_id if train_on_inputs else IGNORE_INDEX]

@@ -75,6 +75,15 @@ def wrap_module(model: nn.Module, name: str, **lora_kwargs) -> LoRALinear:
     return wrapped
 
 
+def remove_lora(model: nn.Module) -> None:
+    """Put every wrapped layer's original ``base_layer`` back (unmerging first), leaving the plain base."""
+    for name, module in lora_modules(model).items():
+        module.unmerge()
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, module.base_layer)
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Module path (as the base model names it) -> its LoRA wrapper."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from lorafit.evaluate import EvalResult
     from lorafit.inject import InjectionReport
     from lorafit.train import RunSummary
 
@@ -42,3 +43,34 @@ def targeting_table(report: InjectionReport) -> Table:
         f"[bold]{report.trainable:,}[/] of {report.total:,} ({report.trainable_percent:.3f}%)",
     )
     return table
+
+
+def eval_table(results: list[EvalResult]) -> Table:
+    """Base first, then each adapter, with its change against the base."""
+    base = results[0]
+    table = Table(title="evaluation", title_justify="left")
+    for column in ("model", "loss", "Δ loss", "perplexity", "exact match", "Δ exact", "n"):
+        table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
+    for result in results:
+        is_base = result is base
+        table.add_row(
+            result.name,
+            _num(result.loss),
+            "" if is_base else _delta(result.loss, base.loss),
+            _num(result.perplexity, "{:.3f}"),
+            "-" if result.exact_match is None else f"{result.exact_match:.1%}",
+            "" if is_base else _delta(result.exact_match, base.exact_match, percent=True),
+            str(result.n),
+        )
+    return table
+
+
+def _num(value: float | None, pattern: str = "{:.4f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _delta(value: float | None, reference: float | None, percent: bool = False) -> str:
+    if value is None or reference is None:
+        return "-"
+    change = value - reference
+    return f"{change * 100:+.1f} pts" if percent else f"{change:+.4f}"

@@ -47,12 +47,13 @@ def tiny_model(seed: int = 0, **overrides) -> LlamaForCausalLM:
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer with ChatML specials and a chat template, and no pad token."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     chars = [c for c in string.printable if c not in "\x0b\x0c"]
     vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    backend.decoder = decoders.Fuse()  # decode by concatenation, not WordLevel's space-joining
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",

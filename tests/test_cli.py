@@ -20,12 +20,11 @@ def tiny_recipe(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:
     return write_recipe(tmp_path / "recipe.yaml", text)
 
 
-def test_help_lists_only_built_commands():
+def test_help_lists_the_commands():
     result = run("--help")
     assert result.returncode == 0
-    assert "plan" in result.stdout and "train" in result.stdout
-    for missing in ("merge", "eval", "generate"):
-        assert f" {missing} " not in result.stdout
+    for command in ("plan", "train", "merge", "eval", "generate"):
+        assert f" {command} " in result.stdout
 
 
 def test_plan_prints_targets_and_counts_and_writes_nothing(tmp_path, tiny_model_dir):

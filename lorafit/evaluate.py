@@ -1,0 +1,121 @@
+"""``lorafit eval``: the base model and each adapter side by side, from ONE load of the base.
+
+Adapters are swapped in and out of the same base model (load, evaluate, unwrap), which is the cheap
+task switching LoRA promises, and guarantees every row of the table saw the same base weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lorafit.adapter_io import load_adapter
+from lorafit.config import DataConfig, ModelConfig
+from lorafit.data import TokenizedData, generation_example, load_rows, tokenize_rows
+from lorafit.inject import remove_lora
+from lorafit.loss import evaluate_loss
+from lorafit.model import load_base_model, load_tokenizer
+
+METRICS = ("loss", "exact_match")
+
+
+@dataclass
+class EvalResult:
+    name: str
+    loss: float | None
+    perplexity: float | None
+    exact_match: float | None
+    n: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalTask:
+    """What to evaluate on, prepared once and reused for the base and every adapter."""
+
+    tokenized: TokenizedData | None          # for loss
+    prompts: list[list[int]] | None           # for exact_match
+    references: list[str] | None
+    micro_batch_size: int
+    max_new_tokens: int
+
+
+def run_eval(
+    model_cfg: ModelConfig,
+    adapters: list[Path],
+    data_path: str,
+    data_format: str,
+    metrics: list[str],
+    max_seq_len: int = 1024,
+    limit: int | None = None,
+    max_new_tokens: int = 32,
+    micro_batch_size: int = 16,
+) -> list[EvalResult]:
+    tokenizer = load_tokenizer(model_cfg)
+    task = prepare_task(tokenizer, data_path, data_format, metrics, max_seq_len, limit, micro_batch_size,
+                        max_new_tokens)
+    model = load_base_model(model_cfg).eval()
+    results = [evaluate_model(model, tokenizer, task, "base")]
+    for adapter in adapters:
+        load_adapter(model, adapter)
+        results.append(evaluate_model(model, tokenizer, task, str(adapter)))
+        remove_lora(model)
+    return results
+
+
+def prepare_task(tokenizer, data_path: str, data_format: str, metrics: list[str], max_seq_len: int,
+                 limit: int | None, micro_batch_size: int, max_new_tokens: int) -> EvalTask:
+    rows = load_rows(data_path)[:limit]
+    tokenized = prompts = references = None
+    if "loss" in metrics:
+        config = DataConfig(train=data_path, format=data_format, max_seq_len=max_seq_len)
+        tokenized = tokenize_rows(rows, config, tokenizer, data_path)
+    if "exact_match" in metrics:
+        line_offset = 2 if data_path.endswith(".csv") else 1
+        pairs = [generation_example(row, data_format, tokenizer, f"{data_path}:{i + line_offset}")
+                 for i, row in enumerate(rows)]
+        prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
+    return EvalTask(tokenized, prompts, references, micro_batch_size, max_new_tokens)
+
+
+def evaluate_model(model, tokenizer, task: EvalTask, name: str) -> EvalResult:
+    device = next(model.parameters()).device
+    loss = exact = None
+    n = 0
+    if task.tokenized is not None:
+        loss = evaluate_loss(model, task.tokenized, task.micro_batch_size, tokenizer.pad_token_id, device)
+        n = len(task.tokenized.examples)
+    if task.prompts is not None:
+        answers = greedy_answers(model, tokenizer, task.prompts, task.max_new_tokens, task.micro_batch_size)
+        exact = sum(a.strip() == r.strip() for a, r in zip(answers, task.references)) / len(answers)
+        n = len(answers)
+    return EvalResult(name, loss, math.exp(loss) if loss is not None else None, exact, n)
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuation of each prompt, decoded without special tokens. Batches are left-padded so
+    every prompt ends where generation starts."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, prompt in enumerate(chunk):
+            input_ids[i, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[i, width - len(prompt):] = 1
+        output = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        answers += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+    return answers
