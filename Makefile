@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: install
 	$(VENV)/bin/lorafit train configs/quickstart.yaml --set output.overwrite=true
+	$(VENV)/bin/lorafit eval configs/quickstart.yaml --max-new-tokens 16 --json runs/quickstart/eval.json
 
 test: install
 	$(PY) -m pytest -q -m "not slow"

@@ -115,8 +115,10 @@ def merge(
     console.print(f"merged {result.merged_modules} modules into {result.out} ({result.shards} shard"
                   f"{'s' if result.shards > 1 else ''}, {dtype})", highlight=False)
     if result.max_logit_diff is not None:
-        console.print(f"verified: max |logit difference| vs base + adapter (fp32) = {result.max_logit_diff:.2e}",
-                      highlight=False)
+        floor = "" if dtype == "float32" else (f"; {dtype} rounding alone moves the base model's logits by up to "
+                                                f"{result.rounding_floor:.2e}")
+        console.print(f"verified: max |logit difference| vs base + adapter in fp32 = {result.max_logit_diff:.2e}"
+                      f"{floor}", highlight=False)
 
 
 @app.command(name="eval")

