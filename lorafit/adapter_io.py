@@ -234,11 +234,16 @@ def _check_fit(model: nn.Module, per_module: dict[str, ModuleAdapter], adapter_d
                 f"lora_A {list(want_a)}, lora_B {list(want_b)}"
             )
     if problems:
-        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise LorafitError(
-            f"adapter {adapter_dir} does not fit this base model (was it trained on another base?):\n"
-            + "\n".join(f"  {p}" for p in shown)
-        )
+        raise misfit_error(adapter_dir, problems)
+
+
+def misfit_error(adapter_dir: Path, problems: list[str]) -> LorafitError:
+    """One error listing (up to ten of) the modules whose shapes do not fit the base."""
+    shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+    return LorafitError(
+        f"adapter {adapter_dir} does not fit this base model (was it trained on another base?):\n"
+        + "\n".join(f"  {p}" for p in shown)
+    )
 
 
 def restore_adapter_weights(model: nn.Module, folder: Path) -> None:

@@ -142,33 +142,11 @@ def eval_command(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """Compare the base model with one or more adapters: loss/perplexity and exact-match generation."""
-    from lorafit.config import ModelConfig, load_recipe
-    from lorafit.evaluate import METRICS, run_eval
+    from lorafit.evaluate import eval_plan, run_eval
 
-    chosen = metrics or ["loss", "exact_match"]
-    unknown = [m for m in chosen if m not in METRICS]
-    if unknown:
-        raise LorafitError(f"--metric {unknown[0]!r}: use loss or exact_match")
-    max_seq_len = 1024
-    if recipe is not None:
-        loaded = load_recipe(recipe)
-        if loaded.data.eval is None:
-            raise LorafitError(f"{recipe}: data.eval is not set; pass --data FILE to say what to evaluate on")
-        base = base or loaded.model.base
-        model_cfg = ModelConfig(base=base, dtype=loaded.model.dtype, trust_remote_code=loaded.model.trust_remote_code)
-        adapters = adapters or [Path(loaded.output.dir) / "adapter"]
-        data, data_format, max_seq_len = data or loaded.data.eval, loaded.data.format, loaded.data.max_seq_len
-    elif base is None or data is None:
-        raise LorafitError("lorafit eval needs a RECIPE, or --base and --data (see lorafit eval --help)")
-    else:
-        model_cfg = ModelConfig(base=base, dtype=dtype)
-    if data_format not in ("text", "alpaca", "chat", "prompt_completion"):
-        raise LorafitError(f"--format {data_format!r}: use text, alpaca, chat or prompt_completion")
-    for adapter in adapters or []:
-        if not (adapter / "adapter_config.json").is_file():
-            raise LorafitError(f"--adapter {adapter}: no adapter_config.json there (train first, or check the path)")
+    plan = eval_plan(recipe, base, adapters or [], data, data_format, dtype, metrics or ["loss", "exact_match"])
     with console.status("evaluating ..."):
-        results = run_eval(model_cfg, adapters or [], data, data_format, chosen, max_seq_len, limit, max_new_tokens)
+        results = run_eval(plan, limit, max_new_tokens)
     console.print(eval_table(results))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

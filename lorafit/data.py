@@ -197,7 +197,7 @@ def tokenize_rows(rows: list[dict[str, Any]], data: DataConfig, tokenizer, sourc
     if not rows:
         raise LorafitError(f"{source}: the dataset is empty; it needs at least one example")
     line_offset = 2 if source.endswith(".csv") else 1  # a CSV's first line is its header
-    bos_id = _bos_to_prepend(tokenizer) if data.format in ("text",) or not tokenizer.chat_template else None
+    bos_id = _bos_to_prepend(tokenizer) if data.format == "text" or not tokenizer.chat_template else None
     result = TokenizedData(examples=[], source=source, rows=len(rows))
     for number, row in enumerate(rows):
         where = f"{source}:{number + line_offset}" if Path(source).suffix else f"{source} row {number}"

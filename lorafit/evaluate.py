@@ -13,13 +13,15 @@ from pathlib import Path
 import torch
 
 from lorafit.adapter_io import load_adapter
-from lorafit.config import DataConfig, ModelConfig
+from lorafit.config import DataConfig, ModelConfig, load_recipe
 from lorafit.data import TokenizedData, generation_example, load_rows, tokenize_rows
+from lorafit.errors import LorafitError
 from lorafit.inject import remove_lora
 from lorafit.loss import evaluate_loss
 from lorafit.model import load_base_model, load_tokenizer
 
 METRICS = ("loss", "exact_match")
+FORMATS = ("text", "alpaca", "chat", "prompt_completion")
 
 
 @dataclass
@@ -45,23 +47,52 @@ class EvalTask:
     max_new_tokens: int
 
 
-def run_eval(
-    model_cfg: ModelConfig,
-    adapters: list[Path],
-    data_path: str,
-    data_format: str,
-    metrics: list[str],
-    max_seq_len: int = 1024,
-    limit: int | None = None,
-    max_new_tokens: int = 32,
-    micro_batch_size: int = 16,
-) -> list[EvalResult]:
-    tokenizer = load_tokenizer(model_cfg)
-    task = prepare_task(tokenizer, data_path, data_format, metrics, max_seq_len, limit, micro_batch_size,
-                        max_new_tokens)
-    model = load_base_model(model_cfg).eval()
+@dataclass
+class EvalPlan:
+    """What the command line asked for, checked: which base, adapters, data and metrics."""
+
+    model_cfg: ModelConfig
+    adapters: list[Path]
+    data_path: str
+    data_format: str
+    metrics: list[str]
+    max_seq_len: int = 1024
+
+
+def eval_plan(recipe: Path | None, base: str | None, adapters: list[Path], data: str | None, data_format: str,
+              dtype: str, metrics: list[str]) -> EvalPlan:
+    """From ``lorafit eval RECIPE`` (the recipe's base, OUT/adapter and data.eval; flags override) or from
+    ``--base/--adapter/--data`` flags."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise LorafitError(f"--metric {unknown[0]!r}: use loss or exact_match")
+    if data_format not in FORMATS:
+        raise LorafitError(f"--format {data_format!r}: use {', '.join(FORMATS)}")
+    if recipe is not None:
+        loaded = load_recipe(recipe)
+        if data is None and loaded.data.eval is None:
+            raise LorafitError(f"{recipe}: data.eval is not set; pass --data FILE to say what to evaluate on")
+        model_cfg = loaded.model.model_copy(update={"base": base} if base else {})
+        plan = EvalPlan(model_cfg, adapters or [Path(loaded.output.dir) / "adapter"], data or loaded.data.eval,
+                        loaded.data.format, metrics, loaded.data.max_seq_len)
+    elif base is None or data is None:
+        raise LorafitError("lorafit eval needs a RECIPE, or --base and --data (see lorafit eval --help)")
+    else:
+        plan = EvalPlan(ModelConfig(base=base, dtype=dtype), adapters, data, data_format, metrics)
+    for adapter in plan.adapters:
+        if not (adapter / "adapter_config.json").is_file():
+            raise LorafitError(f"--adapter {adapter}: no adapter_config.json there (train first, or check the path)")
+    return plan
+
+
+def run_eval(plan: EvalPlan, limit: int | None = None, max_new_tokens: int = 32,
+             micro_batch_size: int = 16) -> list[EvalResult]:
+    tokenizer = load_tokenizer(plan.model_cfg)
+    task = prepare_task(tokenizer, plan.data_path, plan.data_format, plan.metrics, plan.max_seq_len, limit,
+                        micro_batch_size, max_new_tokens)
+    model = load_base_model(plan.model_cfg).eval()
     results = [evaluate_model(model, tokenizer, task, "base")]
-    for adapter in adapters:
+    for adapter in plan.adapters:
         load_adapter(model, adapter)
         results.append(evaluate_model(model, tokenizer, task, str(adapter)))
         remove_lora(model)

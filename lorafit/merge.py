@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lorafit.adapter_io import ModuleAdapter, read_adapter
+from lorafit.adapter_io import ModuleAdapter, misfit_error, read_adapter
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
@@ -129,9 +129,7 @@ def check_adapter_fits(updates: dict[str, ModuleAdapter], weight_files: list[Pat
             problems.append(f"module {name}: base weight is {list(shape)} (out, in) but the adapter has lora_A "
                             f"{list(update.lora_A.shape)}, lora_B {list(update.lora_B.shape)}")
     if problems:
-        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise LorafitError(f"adapter {adapter_dir} does not fit this base model (was it trained on another base?):\n"
-                           + "\n".join(f"  {p}" for p in shown))
+        raise misfit_error(adapter_dir, problems)
 
 
 class ShardWriter:

@@ -9,7 +9,7 @@ import torch
 from lorafit.adapter_io import save_adapter
 from lorafit.config import LoRAConfig, ModelConfig, load_recipe
 from lorafit.errors import LorafitError
-from lorafit.evaluate import run_eval
+from lorafit.evaluate import EvalPlan, run_eval
 from lorafit.generate import Generator
 from lorafit.inject import inject_lora
 from lorafit.train import train as run_training
@@ -57,8 +57,8 @@ def hand_loss(model, tokenizer) -> float:
 
 
 def test_eval_loss_equals_hand_computed_mean_token_loss(tiny_model_dir, eval_file):
-    results = run_eval(ModelConfig(base=str(tiny_model_dir), dtype="float32"), [], str(eval_file), "prompt_completion",
-                       ["loss"])
+    results = run_eval(EvalPlan(ModelConfig(base=str(tiny_model_dir), dtype="float32"), [], str(eval_file),
+                                "prompt_completion", ["loss"]))
     expected = hand_loss(tiny_model(), tiny_tokenizer())
     assert results[0].name == "base" and results[0].n == 3
     assert results[0].loss == pytest.approx(expected, rel=1e-5)
@@ -69,10 +69,11 @@ def test_eval_loss_equals_hand_computed_mean_token_loss(tiny_model_dir, eval_fil
 def test_two_adapters_in_one_run_equal_separate_runs(tmp_path, tiny_model_dir, eval_file):
     first, second = make_adapter(tmp_path / "a1", seed=1), make_adapter(tmp_path / "a2", seed=2)
     cfg = ModelConfig(base=str(tiny_model_dir), dtype="float32")
-    together = run_eval(cfg, [first, second], str(eval_file), "prompt_completion", ["loss", "exact_match"],
-                        max_new_tokens=6)
-    alone_1 = run_eval(cfg, [first], str(eval_file), "prompt_completion", ["loss", "exact_match"], max_new_tokens=6)
-    alone_2 = run_eval(cfg, [second], str(eval_file), "prompt_completion", ["loss", "exact_match"], max_new_tokens=6)
+    def plan(adapters):
+        return EvalPlan(cfg, adapters, str(eval_file), "prompt_completion", ["loss", "exact_match"])
+
+    together = run_eval(plan([first, second]), max_new_tokens=6)
+    alone_1, alone_2 = run_eval(plan([first]), max_new_tokens=6), run_eval(plan([second]), max_new_tokens=6)
     assert together[0] == alone_1[0] == alone_2[0]  # the base row is the same: swapping left no trace
     assert together[1] == alone_1[1] and together[2] == alone_2[1]
     assert together[1].loss != together[2].loss != together[0].loss
@@ -91,8 +92,9 @@ train: {{max_steps: 80, micro_batch_size: 3, lr: 2.0e-2, warmup_steps: 5, precis
 output: {{dir: {tmp_path / 'run'}}}
 """)
     run_training(load_recipe(recipe))
-    results = run_eval(ModelConfig(base=str(model_dir), dtype="float32"), [tmp_path / "run" / "adapter"],
-                       str(eval_file), "prompt_completion", ["exact_match"], max_new_tokens=8)
+    plan = EvalPlan(ModelConfig(base=str(model_dir), dtype="float32"), [tmp_path / "run" / "adapter"],
+                    str(eval_file), "prompt_completion", ["exact_match"])
+    results = run_eval(plan, max_new_tokens=8)
     assert results[0].exact_match == 0.0
     assert results[1].exact_match == 1.0 and results[1].n == 3
 
@@ -101,7 +103,8 @@ def test_exact_match_needs_pairs(tiny_model_dir, tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"text": "abc"}\n')
     with pytest.raises(LorafitError, match="exact_match needs prompt/answer pairs"):
-        run_eval(ModelConfig(base=str(tiny_model_dir), dtype="float32"), [], str(path), "text", ["exact_match"])
+        run_eval(EvalPlan(ModelConfig(base=str(tiny_model_dir), dtype="float32"), [], str(path), "text",
+                          ["exact_match"]))
 
 
 def test_eval_cli_table_and_json(tmp_path, tiny_model_dir, eval_file):
