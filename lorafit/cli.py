@@ -17,7 +17,7 @@ from rich.markup import escape
 from lorafit import __version__
 from lorafit.config import DEFAULT_BASE
 from lorafit.errors import LorafitError
-from lorafit.report import eval_table, summary_table, targeting_table
+from lorafit.report import eval_table, memory_estimate, summary_table, targeting_table
 
 app = typer.Typer(
     help="Fine-tune Hugging Face causal language models with LoRA from one YAML recipe.",
@@ -86,6 +86,7 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
         model = load_base_model(loaded.model)
     load_seconds = time.perf_counter() - start
     report = inject_lora(model, loaded.lora)
+    memory = memory_estimate(model, report.trainable, loaded.train.optimizer, loaded.model.quantize)
     lora = loaded.lora
     console.print(
         f"base [bold]{loaded.model.base}[/] ({type(model).__name__}, {loaded.model.dtype}, "
@@ -94,6 +95,7 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
         highlight=False,
     )
     console.print(targeting_table(report))
+    console.print(memory)
 
 
 @app.command()

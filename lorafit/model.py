@@ -119,21 +119,81 @@ def load_base_model(model_cfg: ModelConfig) -> torch.nn.Module:
     """The frozen base causal LM in the recipe's dtype."""
     from transformers import AutoModelForCausalLM
 
-    if model_cfg.quantize is not None:
-        raise LorafitError(
-            f"model.quantize: {model_cfg.quantize!r} (QLoRA) is not available in this version of lorafit; "
-            "set model.quantize: null"
-        )
     source = local_source(model_cfg)
+    extra = {"quantization_config": quantization_config(model_cfg)} if model_cfg.quantize else {}
     model = _from_pretrained(
         AutoModelForCausalLM,
         source.location,
         model_cfg.base,
         dtype=torch_dtype(model_cfg.dtype),
         trust_remote_code=model_cfg.trust_remote_code,
+        **extra,
     )
     model.requires_grad_(False)
+    if model_cfg.quantize:
+        keep_unquantized_in_fp32(model)
     return model
+
+
+def quantization_config(model_cfg: ModelConfig):
+    """bitsandbytes settings for a QLoRA base: every linear layer but the output head (transformers
+    leaves the head alone) stored in 4 or 8 bits; 4-bit layers compute in ``model.dtype``."""
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:  # pragma: no cover - transformers always has it
+        raise LorafitError(f"model.quantize needs transformers' bitsandbytes support ({err})") from None
+    if model_cfg.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.float32 if model_cfg.dtype in ("auto", "float32") else DTYPES[model_cfg.dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_cfg.quant_type,
+        bnb_4bit_use_double_quant=model_cfg.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def keep_unquantized_in_fp32(model: torch.nn.Module) -> None:
+    """k-bit training preparation: what stays unquantized (norms, embeddings, head) is held in fp32, so
+    the small corrections LoRA learns are not drowned by 16-bit rounding of those layers (PEFT's
+    prepare_model_for_kbit_training does the same)."""
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return any(not p.dtype.is_floating_point for p in model.parameters())
+
+
+def base_memory(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes the base weights take now, bytes they would take in 16 bit).
+
+    A 4-bit weight is a packed uint8 tensor plus per-block scales (its ``quant_state``); its original
+    shape is kept in that state, which gives the 16-bit size.
+    """
+    actual = sixteen_bit = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            continue
+        actual += param.numel() * param.element_size()
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            actual += _quant_state_bytes(state)
+            sixteen_bit += 2 * int(torch.Size(state.shape).numel())
+        else:
+            sixteen_bit += 2 * param.numel()
+    return actual, sixteen_bit
+
+
+def _quant_state_bytes(state) -> int:
+    total = 0
+    for value in (getattr(state, "absmax", None), getattr(state, "code", None)):
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+    nested = getattr(state, "state2", None)
+    return total + (_quant_state_bytes(nested) if nested is not None else 0)
 
 
 def _from_pretrained(factory, location: str, shown: str, **kwargs):

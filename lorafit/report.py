@@ -74,3 +74,29 @@ def _delta(value: float | None, reference: float | None, percent: bool = False) 
         return "-"
     change = value - reference
     return f"{change * 100:+.1f} pts" if percent else f"{change:+.4f}"
+
+
+# Bytes of optimizer state per trainable parameter: two fp32 moments, or two 8-bit moments.
+_OPTIMIZER_BYTES = {"adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+
+
+def memory_estimate(model, trainable: int, optimizer: str, quantize: str | None) -> Table:
+    """Weights of the base as loaded vs in 16 bit, and the trainable state (fp32 weights + grads +
+    optimizer moments). Activations come on top and depend on batch size and sequence length."""
+    from lorafit.model import base_memory
+
+    actual, sixteen_bit = base_memory(model)
+    state = trainable * (4 + 4 + _OPTIMIZER_BYTES[optimizer])
+    table = Table(title="memory estimate (before activations)", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column()
+    label = f"base weights ({quantize or 'as loaded'})"
+    table.add_row(label, _gib(actual), f"{actual / sixteen_bit:.2f}x of 16-bit" if sixteen_bit else "")
+    table.add_row("base weights (16-bit)", _gib(sixteen_bit), "")
+    table.add_row(f"trainable state ({optimizer})", _gib(state), "fp32 weights + grads + optimizer moments")
+    return table
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.3f} GiB"

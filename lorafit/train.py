@@ -113,7 +113,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
     steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(cfg.scheduler, optimizer, cfg.warmup_steps, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
@@ -216,9 +216,6 @@ def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path
 def check_supported(cfg: TrainConfig) -> None:
     """Settings this machine or this version cannot run, refused before anything loads."""
     cuda = torch.cuda.is_available()
-    if cfg.optimizer != "adamw":
-        raise LorafitError(f"train.optimizer: {cfg.optimizer!r} (bitsandbytes) is not available in this version "
-                           "of lorafit; use adamw")
     if cfg.precision == "fp16" and not cuda:
         raise LorafitError("train.precision: fp16 needs a CUDA GPU; on CPU use bf16 or no")
     if cfg.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -244,6 +241,20 @@ def cpu_bf16_warning(model_dtype: str, precision: str) -> str | None:
         return None
     return ("this CPU has no native bf16, so bf16 runs emulated and far slower than fp32; for CPU training "
             "set model.dtype: float32 and train.precision: no")
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
+    """AdamW from torch, or bitsandbytes' 8-bit / paged variants (8-bit states: 2 bytes per parameter
+    instead of 8; paging only matters on CUDA, where it spills optimizer state to CPU memory)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except Exception as err:  # bitsandbytes raises several types when its native library is missing
+        raise LorafitError(f"train.optimizer: {name!r} needs a working bitsandbytes ({err}); use adamw") from None
+    optimizers = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+                  "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+    return optimizers[name](params, lr=lr, weight_decay=weight_decay)
 
 
 def make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):

@@ -49,8 +49,3 @@ def test_package_file_is_found_without_importing(tmp_path, monkeypatch):
 def test_unreachable_hub_id_is_a_clear_error():
     with pytest.raises(LorafitError, match="(?s)could not be loaded.*hub ids need network"):
         load_base_model(ModelConfig(base="no-such-org/no-such-model-xyz", dtype="float32"))
-
-
-def test_quantize_is_refused_until_qlora_lands(tiny_model_dir):
-    with pytest.raises(LorafitError, match="model.quantize"):
-        load_base_model(ModelConfig(base=str(tiny_model_dir), quantize="4bit"))

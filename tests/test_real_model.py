@@ -90,3 +90,15 @@ def test_quickstart_trains_end_to_end(tmp_path):
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = merged.generate(**inputs, max_new_tokens=16, do_sample=False)
     assert tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == "1957-04-07"
+
+
+def test_quickstart_trains_with_a_4bit_base(tmp_path):
+    out = tmp_path / "qlora"
+    result = run("train", "configs/quickstart.yaml", "--set", "model.quantize=4bit", "--set", "train.max_steps=4",
+                 "--set", "train.optimizer=adamw_8bit", "--set", "data.eval=null", "--set", f"output.dir={out}",
+                 cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(loss == loss for loss in losses) and losses[-1] < losses[0]
