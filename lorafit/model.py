@@ -132,7 +132,22 @@ def load_base_model(model_cfg: ModelConfig) -> torch.nn.Module:
     model.requires_grad_(False)
     if model_cfg.quantize:
         keep_unquantized_in_fp32(model)
+        release_freed_memory()
     return model
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them by default). Quantizing on CPU reads the
+    full-precision weights first; without this the process keeps their footprint after they are freed."""
+    import ctypes
+    import ctypes.util
+
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            pass
 
 
 def quantization_config(model_cfg: ModelConfig):
