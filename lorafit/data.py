@@ -106,6 +106,14 @@ def _load_with_datasets(source: str, parquet: bool) -> list[dict[str, Any]]:
     return dataset.to_list()
 
 
+def row_location(source: str, index: int) -> str:
+    """Where row ``index`` (0-based) is, for error messages: "file:line" for local files (a CSV's first
+    line is its header), "name row N" for a hub dataset."""
+    if not Path(source).suffix:
+        return f"{source} row {index}"
+    return f"{source}:{index + (2 if source.endswith('.csv') else 1)}"
+
+
 def example_segments(row: dict[str, Any], data_format: str, tokenizer, where: str) -> Segments:
     """One row -> text segments, each marked trained or not. ``where`` is "file:line" for errors."""
     if data_format == "text":
@@ -196,11 +204,10 @@ def tokenize_rows(rows: list[dict[str, Any]], data: DataConfig, tokenizer, sourc
     """Tokenize and mask every row; truncate at max_seq_len; skip rows with nothing trainable left."""
     if not rows:
         raise LorafitError(f"{source}: the dataset is empty; it needs at least one example")
-    line_offset = 2 if source.endswith(".csv") else 1  # a CSV's first line is its header
     bos_id = _bos_to_prepend(tokenizer) if data.format == "text" or not tokenizer.chat_template else None
     result = TokenizedData(examples=[], source=source, rows=len(rows))
     for number, row in enumerate(rows):
-        where = f"{source}:{number + line_offset}" if Path(source).suffix else f"{source} row {number}"
+        where = row_location(source, number)
         example = tokenize_segments(example_segments(row, data.format, tokenizer, where), tokenizer,
                                     data.train_on_inputs, bos_id)
         if len(example["input_ids"]) > data.max_seq_len:

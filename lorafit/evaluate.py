@@ -14,7 +14,7 @@ import torch
 
 from lorafit.adapter_io import load_adapter
 from lorafit.config import DataConfig, ModelConfig, load_recipe
-from lorafit.data import TokenizedData, generation_example, load_rows, tokenize_rows
+from lorafit.data import TokenizedData, generation_example, load_rows, row_location, tokenize_rows
 from lorafit.errors import LorafitError
 from lorafit.inject import remove_lora
 from lorafit.loss import evaluate_loss
@@ -107,8 +107,7 @@ def prepare_task(tokenizer, data_path: str, data_format: str, metrics: list[str]
         config = DataConfig(train=data_path, format=data_format, max_seq_len=max_seq_len)
         tokenized = tokenize_rows(rows, config, tokenizer, data_path)
     if "exact_match" in metrics:
-        line_offset = 2 if data_path.endswith(".csv") else 1
-        pairs = [generation_example(row, data_format, tokenizer, f"{data_path}:{i + line_offset}")
+        pairs = [generation_example(row, data_format, tokenizer, row_location(data_path, i))
                  for i, row in enumerate(rows)]
         prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     return EvalTask(tokenized, prompts, references, micro_batch_size, max_new_tokens)

@@ -97,6 +97,13 @@ def set_trainable(model: nn.Module) -> None:
             param.requires_grad_(True)
 
 
+def adapters_to_float32(model: nn.Module) -> None:
+    """Keep trainable LoRA weights in fp32 whatever the base dtype: bf16 AdamW updates would round away."""
+    for module in lora_modules(model).values():
+        module.lora_A.float()
+        module.lora_B.float()
+
+
 def injection_report(model: nn.Module) -> InjectionReport:
     wrapped = lora_modules(model)
     report = InjectionReport(modules=list(wrapped))

@@ -27,7 +27,7 @@ from lorafit.config import Recipe, TrainConfig
 from lorafit.data import IGNORE_INDEX, TokenizedData, collate, load_tokenized, pack, split_validation
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
-from lorafit.inject import InjectionReport, inject_lora, lora_modules
+from lorafit.inject import InjectionReport, adapters_to_float32, inject_lora
 from lorafit.loss import evaluate_loss, token_loss_sum
 from lorafit.model import load_base_model, load_tokenizer
 from lorafit.report import targeting_table
@@ -99,10 +99,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
     random.seed(cfg.seed)
     model = load_base_model(recipe.model)
     report = inject_lora(model, recipe.lora)
-    for module in lora_modules(model).values():
-        # Trainable weights in fp32 whatever the base dtype: bf16 AdamW updates would round away.
-        module.lora_A.float()
-        module.lora_B.float()
+    adapters_to_float32(model)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing recomputes inside autograd, so LoRA weights get gradients even
         # though no input to a checkpointed block requires grad.

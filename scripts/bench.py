@@ -47,7 +47,7 @@ def run_one(framework: str, dtype: str, steps: int, init_path: str) -> dict:
     import torch
 
     from lorafit.config import LoRAConfig, ModelConfig
-    from lorafit.inject import inject_lora, lora_modules
+    from lorafit.inject import adapters_to_float32, inject_lora, lora_modules
     from lorafit.loss import token_loss_sum
     from lorafit.model import load_base_model, load_tokenizer
 
@@ -60,9 +60,7 @@ def run_one(framework: str, dtype: str, steps: int, init_path: str) -> dict:
     initial = torch.load(init_path, weights_only=True)  # the same A (and zero B) for both frameworks
     if framework == "lorafit":
         inject_lora(model, LoRAConfig(r=RANK, alpha=ALPHA, dropout=0.0))
-        for module in lora_modules(model).values():
-            module.lora_A.float()
-            module.lora_B.float()
+        adapters_to_float32(model)  # as lorafit train does
         modules = {f"{name}.{part}": param for name, module in lora_modules(model).items()
                    for part, param in module.adapter_params().items()}
 

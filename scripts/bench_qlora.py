@@ -34,16 +34,14 @@ def run_one(base: str, quantize: str | None, dtype: str, steps: int, batch: int,
     import torch
 
     from lorafit.config import LoRAConfig, ModelConfig
-    from lorafit.inject import inject_lora, lora_modules
+    from lorafit.inject import adapters_to_float32, inject_lora
     from lorafit.model import base_memory, load_base_model
 
     torch.manual_seed(0)
     model = load_base_model(ModelConfig(base=base, dtype=dtype, quantize=quantize))
     weights, sixteen_bit = base_memory(model)
     inject_lora(model, LoRAConfig(r=16, alpha=32))
-    for module in lora_modules(model).values():
-        module.lora_A.float()
-        module.lora_B.float()
+    adapters_to_float32(model)  # as lorafit train does
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if not quantize:
