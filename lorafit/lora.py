@@ -94,8 +94,27 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result  # the update already lives inside base_layer.weight
         lora_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(lora_in)) * self.scaling  # (..., out)
+        down = self.lora_A(lora_in)  # (..., r)
+        if self._fused_add_ok(result, down):
+            # One GEMM adds scaling·(x·Aᵀ)·Bᵀ straight into the base output (C += alpha·A·B): no
+            # (..., out) update tensor, no separate scale and add passes over it, forward or backward.
+            # In place is safe: nn.Linear's backward does not keep its output.
+            result.view(-1, self.out_features).addmm_(
+                down.reshape(-1, self.r), self.lora_B.weight.t(), alpha=self.scaling
+            )
+            return result
+        update = self.lora_B(down) * self.scaling  # (..., out)
         return result + update.to(result.dtype)
+
+    def _fused_add_ok(self, result: torch.Tensor, down: torch.Tensor) -> bool:
+        """The in-place GEMM needs one dtype throughout and a plain linear base (bitsandbytes layers may
+        keep their output for backward); autocast does not cover in-place ops, so it takes the plain path."""
+        return (
+            type(self.base_layer) is nn.Linear
+            and result.dtype == down.dtype == self.lora_B.weight.dtype
+            and result.is_contiguous()
+            and not torch.is_autocast_enabled(result.device.type)
+        )
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B @ A, fp32, [out, in]."""

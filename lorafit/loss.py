@@ -9,21 +9,34 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lorafit.data import IGNORE_INDEX, TokenizedData, collate
+
+# Model types whose logits are exactly lm_head(final hidden state): no soft-capping (Gemma 2/3), no
+# logit scale (Cohere, Granite). Others take the generic path through the model's own forward.
+PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
+                               "gemma", "olmo", "olmo2", "smollm3", "starcoder2"})
+LOGITS_BUDGET = 64 * 2**20  # logit elements per chunk: 256 MiB in fp32, whatever the vocabulary size
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over trained positions, computed in fp32.
 
-    Position t predicts token t+1. Logits are only computed at positions whose next token is trained
-    in some row (``logits_to_keep``): the output head is the biggest matmul in a small model
-    (SmolLM2: 49,152 x 576), and prompt positions would only be thrown away by the loss.
+    Position t predicts token t+1. Where the model's head is a plain frozen linear layer, only the
+    hidden states of trained positions reach it, a chunk at a time (``linear_cross_entropy``): the
+    [tokens, vocab] logits are the largest activation of a small model (SmolLM2: 49,152 wide) and
+    prompt positions would only be thrown away by the loss.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = batch["labels"][:, 1:]  # (B, T-1)
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,) positions t
-    if _accepts_logits_to_keep(model):
+    trained = targets != IGNORE_INDEX
+    head = _plain_head(model)
+    if head is not None:
+        hidden = _unwrap(model).get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        return linear_cross_entropy(hidden[:, :-1][trained], head.weight, targets[trained])
+    keep = trained.any(dim=0).nonzero().squeeze(1)  # (K,) positions t trained in some row
+    if "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters:
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
     else:
         logits = model(**inputs, use_cache=False).logits[:, keep]  # (B, K, V)
@@ -32,9 +45,63 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    model = getattr(model, "module", model)
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sum_i CE(hidden_i · weightᵀ, labels_i) without keeping any logits for backward.
+
+    hidden: (N, H) trained positions only, weight: (V, H) frozen, labels: (N,). Returns an fp32 scalar.
+    """
+    return _LinearCrossEntropy.apply(hidden, weight, labels, max(1, LOGITS_BUDGET // weight.shape[0]))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of a frozen linear head, fused and chunked over tokens.
+
+    The gradient w.r.t. the hidden states, (softmax - onehot) · W, is computed in forward chunk by
+    chunk while the chunk's logits exist, and is all backward keeps: an (N, H) tensor instead of
+    (N, V) logits plus their log-softmax. Same matmuls as autograd would run, no recomputation.
+    Logits are computed in the dtype autocast gives the head's matmul and reduced in fp32, as
+    transformers' own loss does.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = F.linear(hidden[rows], weight)  # (c, V) in the matmul's dtype
+            matmul_dtype = logits.dtype
+            logits = logits.float()
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            picked = logits.gather(1, labels[rows, None]).squeeze(1)
+            total += (lse - picked).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(probs), device=probs.device), labels[rows]] -= 1.0
+                grad[rows] = (probs.to(matmul_dtype) @ weight.to(matmul_dtype)).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def _plain_head(model) -> nn.Linear | None:
+    """The output layer when the fused loss applies to this model, else None."""
+    model = _unwrap(model)
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS or not hasattr(model, "get_decoder"):
+        return None
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return None  # e.g. a LoRA-wrapped or trainable head: autograd must see the head itself
+    return head
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
 
 
 @torch.no_grad()

@@ -27,6 +27,38 @@ def test_forward_equals_hand_written_formula():
     torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
 
 
+def test_gradients_equal_hand_written_formula():
+    """The fused in-place GEMM path (plain nn.Linear, one dtype) against autograd on the formula."""
+    base, layer = make_layer()
+    base.requires_grad_(False)  # as inject_lora leaves it
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    assert layer._fused_add_ok(base(x), layer.lora_A(x))
+    upstream = torch.randn(3, 5, 24)
+    layer(x).backward(upstream)
+    ours = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
+    x2 = x.detach().clone().requires_grad_(True)
+    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    B = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    (x2 @ base.weight.T + base.bias + 2.0 * (x2 @ A.T @ B.T)).backward(upstream)
+    for got, want in zip(ours, (x2.grad, A.grad, B.grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+    assert base.weight.grad is None  # W0 stays frozen
+
+
+def test_plain_path_for_other_bases_gives_the_same_output():
+    class LinearLike(nn.Linear):  # stands in for a bitsandbytes layer: not exactly nn.Linear
+        pass
+
+    _, layer = make_layer()
+    x = torch.randn(6, 16)
+    fused = layer(x)
+    other = LinearLike(16, 24)
+    other.load_state_dict(layer.base_layer.state_dict())
+    layer.base_layer = other
+    assert not layer._fused_add_ok(other(x), layer.lora_A(x))
+    torch.testing.assert_close(layer(x), fused, atol=1e-6, rtol=0)
+
+
 def test_rslora_scaling_is_alpha_over_sqrt_r():
     assert lora_scaling(16, 32) == 2.0
     assert lora_scaling(16, 32, use_rslora=True) == 8.0

@@ -1,0 +1,88 @@
+"""The training loss against transformers' own loss and against autograd through full logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafit import loss as loss_module
+from lorafit.config import DataConfig, LoRAConfig
+from lorafit.data import collate, tokenize_rows
+from lorafit.inject import inject_lora, lora_modules
+from lorafit.loss import linear_cross_entropy, token_loss_sum
+
+from .conftest import randomize_lora_B, tiny_model, tiny_tokenizer
+
+ROWS = [{"prompt": f"Convert {m} {d}, {1990 + d}", "completion": f"{1990 + d}-{m:02d}-{d:02d}"}
+        for m in range(1, 3) for d in range(1, 5)]
+
+
+def lora_model(**overrides):
+    model = tiny_model(**overrides)
+    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    randomize_lora_B(model)  # non-zero B so every adapter weight gets a gradient
+    return model.train()
+
+
+def batch():
+    examples = tokenize_rows(ROWS, DataConfig(train="x.jsonl"), tiny_tokenizer(), "x.jsonl").examples
+    return collate(examples, pad_id=0)
+
+
+def loss_and_grads(model, compute):
+    model.zero_grad(set_to_none=True)
+    loss = compute()
+    loss.backward()
+    return loss.detach(), {name: m.lora_A.weight.grad.clone() for name, m in lora_modules(model).items()}
+
+
+def test_linear_cross_entropy_equals_autograd_through_full_logits(monkeypatch):
+    monkeypatch.setattr(loss_module, "LOGITS_BUDGET", 3 * 50)  # 3 rows per chunk: 17 rows take 6 chunks
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(17, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 8, generator=generator)
+    labels = torch.randint(0, 50, (17,), generator=generator)
+    ours = linear_cross_entropy(hidden, weight, labels)
+    (ours * 0.37).backward()  # a non-unit upstream gradient, as dividing by the token count gives
+    ours_grad = hidden.grad.clone()
+    hidden.grad = None
+    reference = F.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    (reference * 0.37).backward()
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(ours_grad, hidden.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_token_loss_and_grads_match_transformers_own_loss():
+    """Fused head (trained positions only) vs transformers' full-logits loss: value and LoRA gradients."""
+    model, data = lora_model(), batch()
+    trained = int((data["labels"][:, 1:] != -100).sum())
+    assert loss_module._plain_head(model) is not None  # the fused path is the one under test
+    ours, ours_grads = loss_and_grads(model, lambda: token_loss_sum(model, data) / trained)
+    theirs, their_grads = loss_and_grads(model, lambda: model(**data).loss)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_generic_path_for_other_heads_gives_the_same_loss(monkeypatch):
+    model, data = lora_model(tie_word_embeddings=True), batch()
+    fused, fused_grads = loss_and_grads(model, lambda: token_loss_sum(model, data))
+    monkeypatch.setattr(loss_module, "PLAIN_HEAD_MODELS", frozenset())  # e.g. a soft-capped Gemma 2
+    assert loss_module._plain_head(model) is None
+    generic, generic_grads = loss_and_grads(model, lambda: token_loss_sum(model, data))
+    torch.testing.assert_close(fused, generic, atol=1e-5, rtol=1e-6)
+    for name, grad in generic_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_trainable_head_is_left_to_autograd():
+    model = lora_model()
+    model.lm_head.weight.requires_grad_(True)
+    assert loss_module._plain_head(model) is None
+
+
+@pytest.mark.parametrize("grad_enabled", [False, True])
+def test_loss_is_fp32_and_differentiable_only_under_grad(grad_enabled):
+    model, data = lora_model(), batch()
+    with torch.set_grad_enabled(grad_enabled):
+        value = token_loss_sum(model, data)
+    assert value.requires_grad == grad_enabled and value.dtype == torch.float32
