@@ -109,6 +109,7 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     precision: Literal["no", "bf16", "fp16"] = "bf16"
     gradient_checkpointing: bool = False
+    compile: bool = False
     seed: int = 0
     eval_every: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)

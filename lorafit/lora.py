@@ -90,30 +90,33 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.merged:
-            return result  # the update already lives inside base_layer.weight
+            return self.base_layer(x)  # the update already lives inside base_layer.weight
+        if self._fused_add_ok(x):
+            return self._fused_forward(x)
+        result = self.base_layer(x)
         lora_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        down = self.lora_A(lora_in)  # (..., r)
-        if self._fused_add_ok(result, down):
-            # One GEMM adds scaling·(x·Aᵀ)·Bᵀ straight into the base output (C += alpha·A·B): no
-            # (..., out) update tensor, no separate scale and add passes over it, forward or backward.
-            # In place is safe: nn.Linear's backward does not keep its output.
-            result.view(-1, self.out_features).addmm_(
-                down.reshape(-1, self.r), self.lora_B.weight.t(), alpha=self.scaling
-            )
-            return result
-        update = self.lora_B(down) * self.scaling  # (..., out)
+        update = self.lora_B(self.lora_A(lora_in)) * self.scaling  # (..., out)
         return result + update.to(result.dtype)
 
-    def _fused_add_ok(self, result: torch.Tensor, down: torch.Tensor) -> bool:
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One GEMM adds scaling·(x·Aᵀ)·Bᵀ straight into the base output (C += alpha·A·B): no (..., out)
+        update tensor and no separate scale and add passes over it, forward or backward. Working on 2-D
+        tensors keeps the in-place add off a view, which autograd would have to copy back in backward.
+        In place is safe: nn.Linear's backward does not keep its output."""
+        flat = x.reshape(-1, self.in_features)
+        result = self.base_layer(flat)  # (N, out), a fresh tensor
+        down = self.lora_A(self.lora_dropout(flat))  # (N, r)
+        result.addmm_(down, self.lora_B.weight.t(), alpha=self.scaling)
+        return result.view(*x.shape[:-1], self.out_features)
+
+    def _fused_add_ok(self, x: torch.Tensor) -> bool:
         """The in-place GEMM needs one dtype throughout and a plain linear base (bitsandbytes layers may
         keep their output for backward); autocast does not cover in-place ops, so it takes the plain path."""
         return (
             type(self.base_layer) is nn.Linear
-            and result.dtype == down.dtype == self.lora_B.weight.dtype
-            and result.is_contiguous()
-            and not torch.is_autocast_enabled(result.device.type)
+            and x.dtype == self.base_layer.weight.dtype == self.lora_A.weight.dtype == self.lora_B.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
         )
 
     def delta_weight(self) -> torch.Tensor:

@@ -8,6 +8,7 @@ GGUF files are converted once into a cached Hugging Face folder (see ``converted
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,28 @@ def load_base_model(model_cfg: ModelConfig) -> torch.nn.Module:
         keep_unquantized_in_fp32(model)
         release_freed_memory()
     return model
+
+
+def compile_layers(model: torch.nn.Module, device: torch.device) -> int:
+    """torch.compile each decoder layer, in place (state_dict keys unchanged). Returns how many.
+
+    Compiling layer by layer rather than the whole model: identical layers share one compiled graph,
+    so compile time does not grow with depth, and the loss outside stays eager. ``dynamic=True``
+    because batch lengths vary: one compile instead of one per new length. The win is memory more
+    than speed: inductor fuses elementwise chains (norms, SwiGLU, rotary) and recomputes them in
+    backward instead of saving their outputs.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise LorafitError("train.compile: this model has no decoder .layers list to compile; "
+                           "set train.compile: false")
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        raise LorafitError("train.compile on CPU needs a C++ compiler (g++ or clang++) for torch.compile; "
+                           "install one (e.g. apt install g++) or set train.compile: false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def release_freed_memory() -> None:

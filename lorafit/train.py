@@ -29,7 +29,7 @@ from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
 from lorafit.inject import InjectionReport, adapters_to_float32, inject_lora
 from lorafit.loss import evaluate_loss, token_loss_sum
-from lorafit.model import load_base_model, load_tokenizer
+from lorafit.model import compile_layers, load_base_model, load_tokenizer
 from lorafit.report import targeting_table
 
 STATE_NAME = "training_state.pt"
@@ -104,6 +104,9 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
         # Non-reentrant checkpointing recomputes inside autograd, so LoRA weights get gradients even
         # though no input to a checkpointed block requires grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        count = compile_layers(model, accelerator.device)
+        console.print(f"compiling {count} decoder layers: the first step (and the first eval) will be slow")
     console.print(targeting_table(report))
 
     batches = Batches(train_rows, cfg.micro_batch_size, cfg.seed, tokenizer.pad_token_id)

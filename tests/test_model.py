@@ -5,7 +5,7 @@ import torch
 
 from lorafit.config import ModelConfig, locate_package_file
 from lorafit.errors import LorafitError
-from lorafit.model import BaseSource, load_base_model, load_tokenizer, resolve_base
+from lorafit.model import BaseSource, compile_layers, load_base_model, load_tokenizer, resolve_base
 
 from .conftest import tiny_model
 
@@ -49,3 +49,17 @@ def test_package_file_is_found_without_importing(tmp_path, monkeypatch):
 def test_unreachable_hub_id_is_a_clear_error():
     with pytest.raises(LorafitError, match="(?s)could not be loaded.*hub ids need network"):
         load_base_model(ModelConfig(base="no-such-org/no-such-model-xyz", dtype="float32"))
+
+
+def test_compile_layers_compiles_each_decoder_layer_in_place():
+    model = tiny_model()
+    keys = list(model.state_dict())
+    assert compile_layers(model, torch.device("cpu")) == 2
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert list(model.state_dict()) == keys  # checkpoints keep their key names
+
+
+def test_compile_without_a_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("lorafit.model.shutil.which", lambda name: None)
+    with pytest.raises(LorafitError, match="needs a C\\+\\+ compiler"):
+        compile_layers(tiny_model(), torch.device("cpu"))
