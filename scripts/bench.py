@@ -4,7 +4,8 @@ Each framework runs in its own process (clean peak memory), one after the other 
 SmolLM2-135M-Instruct (real weights), r=16, alpha=32, all-linear, dropout 0, micro-batch 4 x 256
 tokens packed from the quickstart data (completions trained, prompts masked), AdamW. Configurations:
 fp32, bf16 autocast (only where the device has native bf16) and QLoRA (4-bit NF4 base, fp32 compute);
-lorafit runs as `lorafit train` does, and again with `train.compile: true` (lorafit+compile).
+lorafit runs as `lorafit train` does, and again with `train.compile: true` (lorafit+compile); with
+--checkpointing also with `train.gradient_checkpointing: true`.
 Reported per framework: median tokens/s of the steps after warm-up, peak memory (RSS sampled during
 training on CPU, max_memory_allocated on CUDA), the loss at each step, and the ratios lorafit / PEFT.
 Achieved training FLOP/s is compared with a matmul peak measured on the same device in the same run (MFU).
@@ -87,6 +88,8 @@ def run_one(framework: str, dtype: str, quantize: str | None, steps: int, init_p
         model.to(device)
     if framework == "lorafit+compile":
         compile_layers(model, device)  # as train.compile: true does; the first step pays for compiling
+    if framework == "lorafit+checkpointing":  # as train.gradient_checkpointing: true does
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4)
@@ -183,6 +186,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=1, help="alternating runs of every framework per config")
     parser.add_argument("--no-compile", action="store_true", help="leave out lorafit+compile (~1 min to compile)")
+    parser.add_argument("--checkpointing", action="store_true", help="add lorafit+checkpointing to fp32 and bf16")
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,6 +208,8 @@ def main() -> int:
                 print(f"\n{config}: skipped, this device has no native bf16 (emulated bf16 is ~20x slower here)")
                 continue
             frameworks = [f for f in frameworks if not (args.no_compile and f == "lorafit+compile")]
+            if args.checkpointing and not quantize:
+                frameworks.insert(-1, "lorafit+checkpointing")
             runs = {framework: [] for framework in frameworks}
             for _ in range(args.rounds):
                 for framework in frameworks:
@@ -244,13 +250,13 @@ def summarize(config: str, runs: dict[str, list[dict]], peak_flops: float) -> di
 def print_summary(s: dict) -> None:
     print(f"\n{s['config']}  ({s['dtype']}{', 4-bit base' if s['quantize'] else ''}; "
           f"matmul peak {s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
-    print(f"{'':16}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>8}{'speed':>8}{'memory':>8}{'loss gap':>10}{'step 1 s':>10}")
+    print(f"{'':22}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>8}{'speed':>8}{'memory':>8}{'loss gap':>10}{'step 1 s':>10}")
     for r in s["rows"]:
         gate = "" if r["framework"] == "peft" else f"{r['max_loss_gap']:.1e}{'' if r['losses_agree'] else '!'}"
-        print(f"{r['framework']:16}{r['tokens_per_s']:10.1f}{r['peak_memory_bytes'] / 2**30:10.2f}{r['mfu']:8.1%}"
+        print(f"{r['framework']:22}{r['tokens_per_s']:10.1f}{r['peak_memory_bytes'] / 2**30:10.2f}{r['mfu']:8.1%}"
               f"{r['speed_ratio']:7.2f}x{r['memory_ratio']:7.2f}x{gate:>10}{r['first_step_s']:10.1f}")
     for r in s["rows"]:
-        print(f"  {r['framework']:16} losses: " + " ".join(f"{x:.4f}" for x in r["losses"]))
+        print(f"  {r['framework']:22} losses: " + " ".join(f"{x:.4f}" for x in r["losses"]))
 
 
 if __name__ == "__main__":
