@@ -13,10 +13,11 @@ from torch import nn
 
 from lorafit.data import IGNORE_INDEX, TokenizedData, collate
 
-# Model types whose logits are exactly lm_head(final hidden state): no soft-capping (Gemma 2/3), no
-# logit scale (Cohere, Granite). Others take the generic path through the model's own forward.
-PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
-                               "gemma", "olmo", "olmo2", "smollm3", "starcoder2"})
+# Model types whose loss is exactly CE(lm_head(final hidden state)): no soft-capping (Gemma 2/3), no
+# logit scale (Cohere, Granite), no router loss (mixture-of-experts models). Others take the generic
+# path through the model's own forward.
+PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3",
+                               "starcoder2"})
 LOGITS_BUDGET = 64 * 2**20  # logit elements per chunk: 256 MiB in fp32, whatever the vocabulary size
 
 

@@ -86,3 +86,16 @@ def test_loss_is_fp32_and_differentiable_only_under_grad(grad_enabled):
     with torch.set_grad_enabled(grad_enabled):
         value = token_loss_sum(model, data)
     assert value.requires_grad == grad_enabled and value.dtype == torch.float32
+
+
+def test_under_bf16_autocast_matches_transformers_loss_under_the_same_autocast():
+    """bf16 head matmul, fp32 reduction, as transformers does: equal to bf16 rounding (1e-2 relative)."""
+    model, data = lora_model(), batch()
+    trained = int((data["labels"][:, 1:] != -100).sum())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ours_grads = loss_and_grads(model, lambda: token_loss_sum(model, data) / trained)
+        theirs, their_grads = loss_and_grads(model, lambda: model(**data).loss)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs.float(), atol=0, rtol=1e-2)
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, atol=1e-3, rtol=5e-2, msg=name)
