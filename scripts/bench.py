@@ -54,7 +54,7 @@ def run_one(framework: str, dtype: str, quantize: str | None, steps: int, init_p
     from lorafit.config import LoRAConfig, ModelConfig
     from lorafit.inject import adapters_to_float32, inject_lora, lora_modules
     from lorafit.loss import token_loss_sum
-    from lorafit.model import compile_layers, load_base_model, load_tokenizer
+    from lorafit.model import base_memory, compile_layers, load_base_model, load_tokenizer
 
     torch.manual_seed(0)
     cfg = ModelConfig(base=BASE, dtype=dtype, quantize=quantize)
@@ -112,7 +112,7 @@ def run_one(framework: str, dtype: str, quantize: str | None, steps: int, init_p
         tokens.append(int(batch["input_ids"].numel()))
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else sampler.stop()
     step = statistics.median(times[WARMUP:])
-    base_params = sum(logical_numel(p) for p in model.parameters() if not p.requires_grad)
+    base_params = base_memory(model)[1] // 2  # frozen elements, a packed 4-bit weight at its original shape
     lora_params = sum(p.numel() for p in params)
     # frozen base: forward 2N + input-gradient backward 2N per token; LoRA weights 6 per param per token
     flops_per_token = 4 * base_params + 6 * lora_params
@@ -121,12 +121,6 @@ def run_one(framework: str, dtype: str, quantize: str | None, steps: int, init_p
             "tokens_per_s": statistics.median(tokens[WARMUP:]) / step,
             "peak_memory_bytes": peak, "flops_per_token": flops_per_token,
             "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-
-
-def logical_numel(param) -> int:
-    """Elements of the weight a parameter stands for: a 4-bit bitsandbytes weight packs two per byte."""
-    state = getattr(param, "quant_state", None)
-    return state.shape.numel() if state is not None else param.numel()
 
 
 def make_initial_weights(path: Path) -> None:
