@@ -31,6 +31,7 @@ from lorafit.inject import InjectionReport, adapters_to_float32, inject_lora
 from lorafit.loss import evaluate_loss, token_loss_sum
 from lorafit.model import compile_layers, load_base_model, load_tokenizer
 from lorafit.report import targeting_table
+from lorafit.schedule import make_scheduler
 
 STATE_NAME = "training_state.pt"
 RESULT_NAMES = ("recipe.yaml", "metrics.jsonl", "loss.png", "adapter", "checkpoints")
@@ -255,13 +256,6 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
     optimizers = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
                   "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
     return optimizers[name](params, lr=lr, weight_decay=weight_decay)
-
-
-def make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
-    from transformers import get_scheduler
-
-    hf_name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[name]
-    return get_scheduler(hf_name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
 def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], accelerator) -> float:

@@ -91,3 +91,29 @@ def test_train_runs_from_the_command_line(tmp_path, tiny_model_dir):
 def test_version():
     result = run("--version")
     assert result.returncode == 0 and result.stdout.startswith("lorafit ")
+
+
+def test_plain_runs_never_import_bitsandbytes_or_peft(tmp_path, tiny_model_dir):
+    """bitsandbytes only loads for a 4/8-bit base or a bnb optimizer: importing it costs start-up time
+    and, on CPUs with avx512_bf16, prints a kernel warning. PEFT is a test dependency, never imported."""
+    extra = (f"train:\n  max_steps: 2\n  eval_every: 2\n  precision: 'no'\noutput:\n  dir: {tmp_path / 'out'}\n"
+             f"data:\n  train: {tmp_path / 'train.jsonl'}\n  eval: {tmp_path / 'train.jsonl'}\n")
+    recipe = tiny_recipe(tmp_path, tiny_model_dir).read_text().split("data:")[0] + extra
+    write_recipe(tmp_path / "recipe.yaml", recipe)
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    script = f"""
+import sys
+from lorafit.cli import app
+for args in (["train", "recipe.yaml"], ["eval", "recipe.yaml", "--max-new-tokens", "2"],
+             ["merge", {str(tiny_model_dir)!r}, "out/adapter", "merged", "--dtype", "float32"],
+             ["plan", "recipe.yaml"], ["generate", "--base", {str(tiny_model_dir)!r}, "--max-new-tokens", "2", "hi"]):
+    try:
+        app(args, standalone_mode=False)
+    except SystemExit as exit:
+        assert not exit.code, (args, exit.code)
+print("IMPORTED", sorted(m for m in ("bitsandbytes", "peft") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "IMPORTED []" in result.stdout
+    assert "kernels-community" not in result.stderr
