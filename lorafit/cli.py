@@ -76,24 +76,34 @@ def main(
 @user_errors
 def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
     """Load the base model, inject LoRA as the recipe says, and show what would train. Writes nothing."""
+    from lorafit import precision
     from lorafit.config import load_recipe
     from lorafit.inject import inject_lora
     from lorafit.model import load_base_model
+    from lorafit.quant import cpu_4bit_layout
 
     loaded = load_recipe(recipe, overrides)
+    chosen = precision.resolve(loaded.model.dtype, loaded.train.precision, loaded.model.quantize)
+    model_cfg = loaded.model.model_copy(update={"dtype": chosen.model_dtype})
     start = time.perf_counter()
     with console.status(f"loading {loaded.model.base} ..."):
-        model = load_base_model(loaded.model)
+        model = load_base_model(model_cfg)
     load_seconds = time.perf_counter() - start
     report = inject_lora(model, loaded.lora)
     memory = memory_estimate(model, report.trainable, loaded.train.optimizer, loaded.model.quantize)
     lora = loaded.lora
     console.print(
-        f"base [bold]{loaded.model.base}[/] ({type(model).__name__}, {loaded.model.dtype}, "
+        f"base [bold]{loaded.model.base}[/] ({type(model).__name__}, {model_cfg.dtype}, "
         f"loaded in {load_seconds:.1f}s)\n"
-        f"LoRA r={lora.r} alpha={lora.alpha:g} scaling={lora.alpha / lora.r:g} dropout={lora.dropout:g}",
+        f"LoRA r={lora.r} alpha={lora.alpha:g} scaling={lora.alpha / lora.r:g} dropout={lora.dropout:g}\n"
+        f"{chosen.describe()}",
         highlight=False,
     )
+    warning = precision.emulated_bf16_warning(chosen)
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if loaded.model.quantize == "4bit":
+        console.print(cpu_4bit_layout(model).describe(), highlight=False)
     console.print(targeting_table(report))
     console.print(memory)
 

@@ -28,7 +28,7 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     base: str = Field(DEFAULT_BASE, min_length=1)
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantize: Literal["4bit", "8bit"] | None = None
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
@@ -107,7 +107,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
-    precision: Literal["no", "bf16", "fp16"] = "bf16"
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     compile: bool = False
     seed: int = 0

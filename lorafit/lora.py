@@ -11,6 +11,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 InitKind = Literal["kaiming", "gaussian"]
@@ -92,8 +93,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)  # the update already lives inside base_layer.weight
-        if self._fused_add_ok(x):
+        if type(self.base_layer) is nn.Linear:
             return self._fused_forward(x)
+        # Other bases (bitsandbytes 4/8-bit) may keep their output for backward: add out of place.
         result = self.base_layer(x)
         lora_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(lora_in)) * self.scaling  # (..., out)
@@ -101,23 +103,23 @@ class LoRALinear(nn.Module):
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """One GEMM adds scaling·(x·Aᵀ)·Bᵀ straight into the base output (C += alpha·A·B): no (..., out)
-        update tensor and no separate scale and add passes over it, forward or backward. Working on 2-D
-        tensors keeps the in-place add off a view, which autograd would have to copy back in backward.
-        In place is safe: nn.Linear's backward does not keep its output."""
-        flat = x.reshape(-1, self.in_features)
-        result = self.base_layer(flat)  # (N, out), a fresh tensor
-        down = self.lora_A(self.lora_dropout(flat))  # (N, r)
-        result.addmm_(down, self.lora_B.weight.t(), alpha=self.scaling)
-        return result.view(*x.shape[:-1], self.out_features)
+        update tensor and no separate scale and add passes over it, forward or backward.
 
-    def _fused_add_ok(self, x: torch.Tensor) -> bool:
-        """The in-place GEMM needs one dtype throughout and a plain linear base (bitsandbytes layers may
-        keep their output for backward); autocast does not cover in-place ops, so it takes the plain path."""
-        return (
-            type(self.base_layer) is nn.Linear
-            and x.dtype == self.base_layer.weight.dtype == self.lora_A.weight.dtype == self.lora_B.weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        )
+        The update is computed in the dtype the base computes in (its weight dtype, or autocast's): with a
+        bf16 base and fp32 LoRA weights (the optimizer's master copy) A and B are cast per call, [r, in]
+        and [out, r] (tiny), and their gradients come back to fp32 through the cast. Under autocast the
+        input is cast once here rather than once by the base matmul and again for A.
+        Working on 2-D tensors keeps the in-place add off a view, which autograd would have to copy back
+        in backward. In place is safe: nn.Linear's backward does not keep its output.
+        """
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        if torch.is_autocast_enabled(flat.device.type):
+            flat = flat.to(torch.get_autocast_dtype(flat.device.type))
+        result = self.base_layer(flat)  # (N, out), a fresh tensor in the compute dtype
+        dtype = result.dtype
+        down = F.linear(self.lora_dropout(flat).to(dtype), self.lora_A.weight.to(dtype))  # (N, r)
+        result.addmm_(down, self.lora_B.weight.to(dtype).t(), alpha=self.scaling)
+        return result.view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B @ A, fp32, [out, in]."""

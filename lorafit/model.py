@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+from lorafit import precision
 from lorafit.config import ModelConfig, locate_package_file
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
+from lorafit.quant import keep_unquantized_in_fp32, quantization_config, set_cpu_4bit_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,10 +46,6 @@ def resolve_base(base: str) -> BaseSource:
             raise LorafitError(f"model.base: folder {base} has no config.json, so it is not a Hugging Face model")
         return BaseSource(str(path.resolve()))
     return BaseSource(base)  # a hub id; from_pretrained reports if it cannot be reached
-
-
-def torch_dtype(name: str) -> torch.dtype | str:
-    return "auto" if name == "auto" else DTYPES[name]
 
 
 def cache_dir() -> Path:
@@ -116,17 +114,24 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
-def load_base_model(model_cfg: ModelConfig) -> torch.nn.Module:
-    """The frozen base causal LM in the recipe's dtype."""
+def load_base_model(model_cfg: ModelConfig, training: bool = False) -> torch.nn.Module:
+    """The frozen base causal LM in the recipe's dtype (``auto``: see lorafit.precision).
+
+    ``training`` keeps a 4-bit base in the layout it trains with on every CPU (see ``set_cpu_4bit_layout``).
+    """
     from transformers import AutoModelForCausalLM
 
     source = local_source(model_cfg)
-    extra = {"quantization_config": quantization_config(model_cfg)} if model_cfg.quantize else {}
+    dtype = resolve_model_dtype(model_cfg)
+    extra = {}
+    if model_cfg.quantize:
+        extra["quantization_config"] = quantization_config(
+            model_cfg.quantize, model_cfg.quant_type, model_cfg.double_quant, DTYPES[dtype])
     model = _from_pretrained(
         AutoModelForCausalLM,
         source.location,
         model_cfg.base,
-        dtype=torch_dtype(model_cfg.dtype),
+        dtype=DTYPES[dtype],
         trust_remote_code=model_cfg.trust_remote_code,
         **extra,
     )
@@ -134,7 +139,15 @@ def load_base_model(model_cfg: ModelConfig) -> torch.nn.Module:
     if model_cfg.quantize:
         keep_unquantized_in_fp32(model)
         release_freed_memory()
+        set_cpu_4bit_layout(model, training)
     return model
+
+
+def resolve_model_dtype(model_cfg: ModelConfig) -> str:
+    """``model.dtype``, with ``auto`` turned into this machine's choice (bf16 where native, else fp32)."""
+    if model_cfg.dtype != "auto":
+        return model_cfg.dtype
+    return precision.resolve("auto", "auto", model_cfg.quantize).model_dtype
 
 
 def compile_layers(model: torch.nn.Module, device: torch.device) -> int:
@@ -171,63 +184,6 @@ def release_freed_memory() -> None:
             ctypes.CDLL(libc_name).malloc_trim(0)
         except (OSError, AttributeError):  # not glibc: nothing to do
             pass
-
-
-def quantization_config(model_cfg: ModelConfig):
-    """bitsandbytes settings for a QLoRA base: every linear layer but the output head (transformers
-    leaves the head alone) stored in 4 or 8 bits; 4-bit layers compute in ``model.dtype``."""
-    try:
-        from transformers import BitsAndBytesConfig
-    except ImportError as err:  # pragma: no cover - transformers always has it
-        raise LorafitError(f"model.quantize needs transformers' bitsandbytes support ({err})") from None
-    if model_cfg.quantize == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.float32 if model_cfg.dtype in ("auto", "float32") else DTYPES[model_cfg.dtype]
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=model_cfg.quant_type,
-        bnb_4bit_use_double_quant=model_cfg.double_quant,
-        bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=torch.uint8,
-    )
-
-
-def keep_unquantized_in_fp32(model: torch.nn.Module) -> None:
-    """k-bit training preparation: what stays unquantized (norms, embeddings, head) is held in fp32, so
-    the small corrections LoRA learns are not drowned by 16-bit rounding of those layers (PEFT's
-    prepare_model_for_kbit_training does the same)."""
-    for param in model.parameters():
-        if param.dtype in (torch.float16, torch.bfloat16):
-            param.data = param.data.float()
-
-
-def base_memory(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes the base weights take now, bytes they would take in 16 bit).
-
-    A 4-bit weight is a packed uint8 tensor plus per-block scales (its ``quant_state``); its original
-    shape is kept in that state, which gives the 16-bit size.
-    """
-    actual = sixteen_bit = 0
-    for param in model.parameters():
-        if param.requires_grad:
-            continue
-        actual += param.numel() * param.element_size()
-        state = getattr(param, "quant_state", None)
-        if state is not None:
-            actual += _quant_state_bytes(state)
-            sixteen_bit += 2 * int(torch.Size(state.shape).numel())
-        else:
-            sixteen_bit += 2 * param.numel()
-    return actual, sixteen_bit
-
-
-def _quant_state_bytes(state) -> int:
-    total = 0
-    for value in (getattr(state, "absmax", None), getattr(state, "code", None)):
-        if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
-    nested = getattr(state, "state2", None)
-    return total + (_quant_state_bytes(nested) if nested is not None else 0)
 
 
 def _from_pretrained(factory, location: str, shown: str, **kwargs):

@@ -83,7 +83,7 @@ _OPTIMIZER_BYTES = {"adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_
 def memory_estimate(model, trainable: int, optimizer: str, quantize: str | None) -> Table:
     """Weights of the base as loaded vs in 16 bit, and the trainable state (fp32 weights + grads +
     optimizer moments). Activations come on top and depend on batch size and sequence length."""
-    from lorafit.model import base_memory
+    from lorafit.quant import base_memory
 
     actual, sixteen_bit = base_memory(model)
     state = trainable * (4 + 4 + _OPTIMIZER_BYTES[optimizer])

@@ -23,7 +23,8 @@ import torch
 from rich.console import Console
 
 from lorafit.adapter_io import restore_adapter_weights, save_adapter, write_adapter_files
-from lorafit.config import Recipe, TrainConfig
+from lorafit import precision
+from lorafit.config import Recipe
 from lorafit.data import IGNORE_INDEX, TokenizedData, collate, load_tokenized, pack, split_validation
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
@@ -80,10 +81,13 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
     started = time.perf_counter()
     cfg = recipe.train
     out = Path(recipe.output.dir)
-    check_supported(cfg)
+    plan = precision.resolve(recipe.model.dtype, cfg.precision, recipe.model.quantize)
     checkpoint, stale = prepare_output(out, recipe.output.overwrite, resume)
-    accelerator = make_accelerator(cfg.precision)
-    warning = cpu_bf16_warning(recipe.model.dtype, cfg.precision)
+    # From here on the recipe says what actually runs on this machine (auto resolved), also in OUT/recipe.yaml.
+    recipe = resolved_recipe(recipe, plan)
+    accelerator = make_accelerator(plan.mixed_precision)
+    console.print(plan.describe(), highlight=False)
+    warning = precision.emulated_bf16_warning(plan)
     if warning:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
@@ -98,7 +102,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
 
     torch.manual_seed(cfg.seed)  # LoRA A init, dropout
     random.seed(cfg.seed)
-    model = load_base_model(recipe.model)
+    model = load_base_model(recipe.model, training=True)
     report = inject_lora(model, recipe.lora)
     adapters_to_float32(model)
     if cfg.gradient_checkpointing:
@@ -133,7 +137,8 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
     metrics = MetricsLog(out / "metrics.jsonl")
 
     def eval_now() -> float:
-        return evaluate_loss(model, eval_data, cfg.micro_batch_size, tokenizer.pad_token_id, accelerator.device)
+        with accelerator.autocast():  # the same precision as training
+            return evaluate_loss(model, eval_data, cfg.micro_batch_size, tokenizer.pad_token_id, accelerator.device)
 
     base_eval_loss = None
     if eval_data is not None and start_step == 0:
@@ -214,34 +219,18 @@ def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path
     return None, [out / name for name in existing]
 
 
-def check_supported(cfg: TrainConfig) -> None:
-    """Settings this machine or this version cannot run, refused before anything loads."""
-    cuda = torch.cuda.is_available()
-    if cfg.precision == "fp16" and not cuda:
-        raise LorafitError("train.precision: fp16 needs a CUDA GPU; on CPU use bf16 or no")
-    if cfg.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise LorafitError("train.precision: this GPU has no bf16 support; use fp16")
+def resolved_recipe(recipe: Recipe, plan: precision.PrecisionPlan) -> Recipe:
+    """The recipe with ``auto`` dtypes replaced by what this machine runs."""
+    model = recipe.model.model_copy(update={"dtype": plan.model_dtype})
+    train = recipe.train.model_copy(update={"precision": plan.precision})
+    return recipe.model_copy(update={"model": model, "train": train})
 
 
-def make_accelerator(precision: str):
-    """CUDA when present, else CPU; bf16/fp16 autocast as the recipe says."""
+def make_accelerator(mixed_precision: str):
+    """CUDA when present, else CPU; autocast (and fp16 loss scaling) as ``mixed_precision`` says."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-
-
-def cpu_bf16_warning(model_dtype: str, precision: str) -> str | None:
-    """bf16 on a CPU without bf16 instructions is emulated: ~20x slower than fp32 on an AVX2 box (measured)."""
-    if torch.cuda.is_available() or (model_dtype != "bfloat16" and precision != "bf16"):
-        return None
-    try:
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return None
-    if native:
-        return None
-    return ("this CPU has no native bf16, so bf16 runs emulated and far slower than fp32; for CPU training "
-            "set model.dtype: float32 and train.precision: no")
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
@@ -268,7 +257,9 @@ def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], ac
     step_loss = 0.0
     for batch in micro_batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        loss = token_loss_sum(model, batch) / target_tokens
+        # accelerate puts autocast around model.forward only; the fused loss runs the decoder directly.
+        with accelerator.autocast():
+            loss = token_loss_sum(model, batch) / target_tokens
         accelerator.backward(loss)
         step_loss += loss.item()
     return step_loss

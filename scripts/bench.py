@@ -54,7 +54,8 @@ def run_one(framework: str, dtype: str, quantize: str | None, steps: int, init_p
     from lorafit.config import LoRAConfig, ModelConfig
     from lorafit.inject import adapters_to_float32, inject_lora, lora_modules
     from lorafit.loss import token_loss_sum
-    from lorafit.model import base_memory, compile_layers, load_base_model, load_tokenizer
+    from lorafit.model import compile_layers, load_base_model, load_tokenizer
+    from lorafit.quant import base_memory
 
     torch.manual_seed(0)
     cfg = ModelConfig(base=BASE, dtype=dtype, quantize=quantize)

@@ -35,7 +35,8 @@ def run_one(base: str, quantize: str | None, dtype: str, steps: int, batch: int,
 
     from lorafit.config import LoRAConfig, ModelConfig
     from lorafit.inject import adapters_to_float32, inject_lora
-    from lorafit.model import base_memory, load_base_model
+    from lorafit.model import load_base_model
+    from lorafit.quant import base_memory
 
     torch.manual_seed(0)
     model = load_base_model(ModelConfig(base=base, dtype=dtype, quantize=quantize))

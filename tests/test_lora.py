@@ -9,6 +9,14 @@ from torch import nn
 from lorafit.lora import LoRALinear, lora_scaling
 
 
+def took_fused_path(out: torch.Tensor) -> bool:
+    """The fused path ends in an in-place addmm_ on the 2-D base output, then a view back to x's shape."""
+    node = out.grad_fn
+    while node is not None and type(node).__name__.startswith("View"):
+        node = node.next_functions[0][0]
+    return node is not None and type(node).__name__ == "AddmmBackward0"
+
+
 def make_layer(r=4, alpha=8.0, bias=True, seed=0, **kwargs) -> tuple[nn.Linear, LoRALinear]:
     torch.manual_seed(seed)
     base = nn.Linear(16, 24, bias=bias)
@@ -32,9 +40,10 @@ def test_gradients_equal_hand_written_formula():
     base, layer = make_layer()
     base.requires_grad_(False)  # as inject_lora leaves it
     x = torch.randn(3, 5, 16, requires_grad=True)
-    assert layer._fused_add_ok(x)
+    out = layer(x)
+    assert took_fused_path(out)
     upstream = torch.randn(3, 5, 24)
-    layer(x).backward(upstream)
+    out.backward(upstream)
     ours = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
     x2 = x.detach().clone().requires_grad_(True)
     A = layer.lora_A.weight.detach().clone().requires_grad_(True)
@@ -55,8 +64,58 @@ def test_plain_path_for_other_bases_gives_the_same_output():
     other = LinearLike(16, 24)
     other.load_state_dict(layer.base_layer.state_dict())
     layer.base_layer = other
-    assert not layer._fused_add_ok(x)
-    torch.testing.assert_close(layer(x), fused, atol=1e-6, rtol=0)
+    out = layer(x)
+    assert not took_fused_path(out)
+    torch.testing.assert_close(out, fused, atol=1e-6, rtol=0)
+
+
+# bf16 has 8 significant bits: each rounding is off by up to 2^-8 (0.4%) relative, and a 16-term dot product
+# rounds its inputs and its result, so a bf16 result is compared with the fp32 formula at 2% of its scale.
+BF16_TOL = {"atol": 2e-2, "rtol": 2e-2}
+
+
+def formula_and_grads(layer: LoRALinear, x: torch.Tensor, upstream: torch.Tensor):
+    """The fp32 formula with fp32 copies of every weight: the reference a bf16 run approximates."""
+    x = x.detach().float().requires_grad_(True)
+    A = layer.lora_A.weight.detach().float().requires_grad_(True)
+    B = layer.lora_B.weight.detach().float().requires_grad_(True)
+    W0, b = layer.base_layer.weight.float(), layer.base_layer.bias.float()
+    out = x @ W0.T + b + layer.scaling * (x @ A.T @ B.T)
+    out.backward(upstream)
+    return out.detach(), [x.grad, A.grad, B.grad]
+
+
+def test_bf16_base_with_fp32_lora_weights_computes_in_bf16_without_autocast():
+    """precision bf16 over a bf16 base: A and B stay fp32 (the optimizer's masters), the update is computed
+    in bf16 by the fused GEMM, and gradients come back to A and B in fp32."""
+    base, layer = make_layer()
+    base.to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(3, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and took_fused_path(out)
+    upstream = torch.randn(3, 5, 24)
+    out.backward(upstream.bfloat16())
+    expected, grads = formula_and_grads(layer, x, upstream)
+    torch.testing.assert_close(out.float(), expected, **BF16_TOL)
+    assert layer.lora_A.weight.grad.dtype == layer.lora_B.weight.grad.dtype == torch.float32
+    for got, want in zip((x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad), grads):
+        torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=0)
+
+
+def test_fp32_base_under_autocast_takes_the_fused_path_in_bf16():
+    base, layer = make_layer()
+    base.requires_grad_(False)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and took_fused_path(out)
+    upstream = torch.randn(3, 5, 24)
+    out.backward(upstream.bfloat16())
+    expected, grads = formula_and_grads(layer, x, upstream)
+    torch.testing.assert_close(out.float(), expected, **BF16_TOL)
+    assert x.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
+    for got, want in zip((x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad), grads):
+        torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=0)
 
 
 def test_rslora_scaling_is_alpha_over_sqrt_r():

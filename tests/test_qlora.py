@@ -10,7 +10,8 @@ from lorafit.config import LoRAConfig, ModelConfig, load_recipe
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora, lora_modules
 from lorafit.merge import merge_adapter
-from lorafit.model import base_memory, load_base_model
+from lorafit.model import load_base_model
+from lorafit.quant import base_memory
 from lorafit.train import train as run_training
 
 from .conftest import ctrl_c_after_step, randomize_lora_B, tiny_model, tiny_tokenizer, write_recipe
