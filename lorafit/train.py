@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lorafit.adapter_io import restore_adapter_weights, save_adapter, write_adapter_files
 from lorafit import precision
+from lorafit.adapter_io import restore_adapter_weights, save_adapter, write_adapter_files
 from lorafit.config import Recipe
 from lorafit.data import IGNORE_INDEX, TokenizedData, collate, load_tokenized, pack, split_validation
 from lorafit.errors import LorafitError
