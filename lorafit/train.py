@@ -229,7 +229,11 @@ def resolved_recipe(recipe: Recipe, plan: precision.PrecisionPlan) -> Recipe:
 def make_accelerator(mixed_precision: str):
     """CUDA when present, else CPU; autocast (and fp16 loss scaling) as ``mixed_precision`` says."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps one precision per process and refuses a second; one process may train several
+    # recipes (tests, notebooks), so each run sets its own. The process/device state (PartialState) stays.
+    AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 

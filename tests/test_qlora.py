@@ -1,4 +1,9 @@
-"""QLoRA: our LoRA layers over a bitsandbytes 4-bit (and 8-bit) base, on CPU, on a tiny random Llama."""
+"""QLoRA: our LoRA layers over a bitsandbytes 4-bit (and 8-bit) base, on CPU, on tiny random Llamas.
+
+Most tests use a model whose linear layers are 64 wide: multiples of the 4-bit block (64) and of the
+32-row tile of bitsandbytes' packed CPU kernel, so on CPUs with avx512_bf16 the inference tests run the
+packed path bitsandbytes takes there. ``force_bf16_cpu_4bit_path`` forces that path on every CPU.
+"""
 
 import json
 
@@ -11,16 +16,42 @@ from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora, lora_modules
 from lorafit.merge import merge_adapter
 from lorafit.model import load_base_model
-from lorafit.quant import base_memory
+from lorafit.quant import base_memory, cpu_4bit_layout
 from lorafit.train import train as run_training
 
 from .conftest import ctrl_c_after_step, randomize_lora_B, tiny_model, tiny_tokenizer, write_recipe
 
 bnb = pytest.importorskip("bitsandbytes")
+PACKABLE = {"hidden_size": 64, "intermediate_size": 128}  # q/o 64x64, k/v 32x64, MLP 128x64 and 64x128
 
 
-def quantized(model_dir, bits: str = "4bit", **overrides):
-    return load_base_model(ModelConfig(base=str(model_dir), dtype="float32", quantize=bits, **overrides))
+def quantized(model_dir, bits: str = "4bit", training: bool = False, **overrides):
+    config = ModelConfig(base=str(model_dir), dtype="float32", quantize=bits, **overrides)
+    return load_base_model(config, training=training)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """This file's default model: a tiny Llama whose layers the packed 4-bit CPU kernel can take."""
+    folder = tmp_path / "tiny-llama-64"
+    tiny_model(**PACKABLE).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def narrow_model_dir(tmp_path):
+    """32 wide: most layers are smaller than a 4-bit block, which the packed kernel cannot take."""
+    folder = tmp_path / "tiny-llama-32"
+    tiny_model().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def input_ids():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (2, 12), generator=generator)
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
@@ -88,15 +119,15 @@ def test_merge_of_qlora_adapter_into_full_precision_base(tmp_path, tiny_model_di
 @pytest.fixture
 def qlora_run(tmp_path):
     # Larger init than the default 0.02, so the tiny model can actually fit the data (see test_evaluate).
-    model_dir = tmp_path / "model"
-    tiny_model(initializer_range=0.5).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    for name, shape in (("model", PACKABLE), ("narrow", {})):
+        tiny_model(initializer_range=0.5, **shape).save_pretrained(tmp_path / name)
+        tiny_tokenizer().save_pretrained(tmp_path / name)
     rows = [{"prompt": f"day {d}", "completion": f"2020-01-{d:02d}"} for d in range(1, 17)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def recipe(out: str, *overrides: str):
+    def recipe(out: str, *overrides: str, model: str = "model"):
         text = f"""\
-model: {{base: {model_dir}, dtype: float32, quantize: 4bit}}
+model: {{base: {tmp_path / model}, dtype: float32, quantize: 4bit}}
 lora: {{r: 8, alpha: 16}}
 data: {{train: {tmp_path / 'train.jsonl'}}}
 train: {{max_steps: 6, micro_batch_size: 8, lr: 1.0e-2, precision: "no", optimizer: adamw_8bit, save_every: 3,
@@ -134,3 +165,119 @@ def test_paged_optimizers_run_on_cpu(qlora_run, optimizer):
     folder, recipe = qlora_run
     summary = run_training(recipe(optimizer, f"train.optimizer={optimizer}", "train.max_steps=2"))
     assert summary.steps == 2
+
+
+# ---- the 4-bit path bitsandbytes takes on CPUs with avx512_bf16, on every CPU ----
+
+def reference_packed_gemv(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
+    """What bitsandbytes' packed CPU kernel computes, in torch: y = A · dequant(W)ᵀ in bf16.
+
+    Packed layout (bitsandbytes.functional._convert_weight_packed_for_cpu): B is [N, K/2] bytes holding
+    the 4-bit codes in groups of 32 rows x 2 columns (32 low nibbles, then 32 high); absmax is [K/block, N].
+    """
+    N, K = state.shape
+    packed = B.view(torch.uint8).reshape(-1, 32)
+    codes = torch.cat([packed & 0xF, packed >> 4], dim=-1)  # [.., 64]: 32 low nibbles, then 32 high
+    codes = codes.reshape(N // 32, K // 2, 32, 2).transpose(1, 2).reshape(N, K)
+    scales = state.absmax.float().T  # [N, K/block]
+    weight = (state.code.float()[codes.long()].reshape(N, K // state.blocksize, state.blocksize)
+              * scales[:, :, None]).reshape(N, K)
+    result = (A.bfloat16().float() @ weight.bfloat16().float().T).bfloat16().to(A.dtype)
+    return out.copy_(result) if out is not None else result
+
+
+def force_bf16_cpu_4bit_path(monkeypatch) -> bool:
+    """Make bitsandbytes take the 4-bit path of a CPU with avx512_bf16 (repack on first eval-mode call, then
+    the packed kernel). Where this CPU has avx512_bf16, bitsandbytes' own kernel runs; elsewhere that kernel
+    would stop the process (illegal instruction), so ``reference_packed_gemv`` stands in for it.
+    Returns True when the real kernel runs."""
+    import bitsandbytes.functional as bnb_functional
+    import bitsandbytes.nn.modules as bnb_modules
+
+    real = bool(bnb_functional.has_avx512bf16())
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    if not real:
+        monkeypatch.setattr(bnb_functional, "gemv_4bit", reference_packed_gemv)
+    return real
+
+
+def packed(model) -> dict[str, bool]:
+    return {name: bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False))
+            for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def test_inference_uses_the_packed_layout_and_agrees_with_the_generic_kernel(tiny_model_dir, input_ids, monkeypatch):
+    generic = quantized(tiny_model_dir)
+    with torch.no_grad():
+        expected = generic(input_ids).logits
+    assert not any(packed(generic).values())
+    force_bf16_cpu_4bit_path(monkeypatch)  # from here on, the CPU "has" avx512_bf16
+    model = quantized(tiny_model_dir)
+    assert cpu_4bit_layout(model).kernel_available and not cpu_4bit_layout(model).unpackable
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    assert all(packed(model).values()) and len(packed(model)) == 14
+    # bf16 kernel and bf16 scales: within 2% of the logits' range of the fp32 generic kernel
+    torch.testing.assert_close(logits, expected, atol=2e-2 * expected.abs().max().item(), rtol=0)
+
+
+def test_layers_the_packed_kernel_cannot_take_keep_the_generic_kernel(narrow_model_dir, input_ids, monkeypatch):
+    """On a CPU with avx512_bf16, bitsandbytes alone fails on these with "shape '[32, 0]' is invalid"."""
+    force_bf16_cpu_4bit_path(monkeypatch)
+    model = quantized(narrow_model_dir)
+    layout = cpu_4bit_layout(model)
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    assert torch.isfinite(logits).all()
+    fits = {name: flag for name, flag in packed(model).items()}
+    assert fits["model.layers.0.mlp.down_proj"]  # [32, 64]: packable
+    assert not fits["model.layers.0.self_attn.q_proj"]  # [32, 32]: in_features below one block
+    assert {name for name, _ in layout.unpackable} == {n for n, ok in fits.items() if not ok}
+    assert len(layout.unpackable) == 12 and "(e.g. model.layers.0.self_attn.q_proj: [32, 32])" in layout.describe()
+
+
+def numbers(out) -> list[dict]:
+    """Every logged loss, eval loss and gradient norm (not the timings)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def test_training_never_repacks_and_matches_the_generic_path_exactly(qlora_run, monkeypatch):
+    """An eval pass inside training must not repack the base (one-way, and the packed kernel has no
+    backward): the losses and eval losses equal those of a CPU without avx512_bf16, bit for bit."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    folder, recipe = qlora_run
+    (folder / "eval.jsonl").write_text((folder / "train.jsonl").read_text())
+    overrides = (f"data.eval={folder / 'eval.jsonl'}", "train.eval_every=2")
+    for model in ("model", "narrow"):
+        run_training(recipe(f"generic-{model}", *overrides, model=model))
+    force_bf16_cpu_4bit_path(monkeypatch)
+    repacks = []
+    original = bnb_modules._convert_weight_packed_for_cpu
+    monkeypatch.setattr(bnb_modules, "_convert_weight_packed_for_cpu",
+                        lambda *args, **kwargs: repacks.append(1) or original(*args, **kwargs))
+    for model in ("model", "narrow"):
+        run_training(recipe(f"forced-{model}", *overrides, model=model))
+        assert numbers(folder / f"forced-{model}") == numbers(folder / f"generic-{model}")
+    assert repacks == []
+
+
+def test_bitsandbytes_packed_kernel_agrees_with_the_reference():
+    """The stand-in above is only worth something if it computes what the real kernel computes."""
+    import bitsandbytes.functional as bnb_functional
+
+    if not bnb_functional.has_avx512bf16():
+        pytest.skip("this CPU has no avx512_bf16, so bitsandbytes' packed 4-bit kernel cannot run here "
+                    "(the packed-path tests above used reference_packed_gemv instead)")
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(128, 96, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(96, 128), requires_grad=False, quant_type="nf4").to("cpu")
+    layer.eval()
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        real = layer(x)
+    state = layer.weight.quant_state
+    assert state.packing_format_for_cpu
+    torch.testing.assert_close(real.float(), reference_packed_gemv(x, layer.weight.data, state=state).float(),
+                               atol=2e-2 * real.abs().max().item(), rtol=0)
