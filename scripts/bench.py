@@ -146,7 +146,12 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR)
+    if row.framework == "lorafit":
+        from lorafit.train import make_optimizer
+
+        optimizer = make_optimizer("adamw", params, LR, 0.0)  # as lorafit train builds it
+    else:
+        optimizer = torch.optim.AdamW(params, lr=LR, fused=True)  # transformers' Trainer default (torch >= 2.8)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     sampler, times, losses, tokens = RssSampler(), [], [], []
     if device.type == "cuda":

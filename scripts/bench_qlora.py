@@ -39,7 +39,7 @@ def run_one(base: str, quantize: str | None, dtype: str, steps: int, batch: int,
     from lorafit.quant import base_memory
 
     torch.manual_seed(0)
-    model = load_base_model(ModelConfig(base=base, dtype=dtype, quantize=quantize))
+    model = load_base_model(ModelConfig(base=base, dtype=dtype, quantize=quantize), training=True)
     weights, sixteen_bit = base_memory(model)
     inject_lora(model, LoRAConfig(r=16, alpha=32))
     adapters_to_float32(model)  # as lorafit train does

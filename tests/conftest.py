@@ -23,6 +23,16 @@ CHAT_TEMPLATE = (
 )
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """GPU tests run wherever CUDA is present and skip, saying why, everywhere else."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none here); run make test on a GPU machine for these")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def tiny_config(**overrides) -> LlamaConfig:
     settings = dict(
         vocab_size=128,
