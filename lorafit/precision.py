@@ -75,7 +75,8 @@ def resolve(model_dtype: str, precision: str, quantize: str | None = None,
     check_supported(precision, hw)
     if model_dtype == "auto":
         model_dtype = COMPUTE_DTYPES[precision]
-        reasons.append(f"model.dtype auto: the compute dtype{', for the 4/8-bit layers' if quantize else ''}")
+        layers = " (the 4/8-bit layers compute in it)" if quantize else ""
+        reasons.append(f"model.dtype auto: the compute dtype{layers}")
     autocast = precision != "no" and not (precision == "bf16" and model_dtype == "bfloat16" and not quantize)
     return PrecisionPlan(model_dtype, precision, autocast, "; ".join(reasons) or "as the recipe sets")
 

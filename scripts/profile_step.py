@@ -48,10 +48,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
+    import bench
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    import bench
     import lorafit.loss
     from lorafit.config import LoRAConfig, ModelConfig
     from lorafit.inject import adapters_to_float32, inject_lora

@@ -34,6 +34,7 @@ def test_plan_prints_targets_and_counts_and_writes_nothing(tmp_path, tiny_model_
     assert result.returncode == 0, result.stderr
     assert "q_proj" in result.stdout and "v_proj" in result.stdout
     assert "896 of" in result.stdout  # 2 layers x (4*(32+32) + 4*(32+16))
+    assert "precision: " in result.stdout and "LoRA weights fp32" in result.stdout  # the choice, and why
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
