@@ -42,7 +42,7 @@ class PrecisionPlan:
 
     def describe(self) -> str:
         if self.precision == "no":
-            how = "fp32"
+            how = "fp32" if self.model_dtype == "float32" else f"{self.model_dtype} weights, no autocast"
         elif self.autocast:
             how = f"{self.precision} autocast over {self.model_dtype} weights"
         else:

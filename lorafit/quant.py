@@ -69,7 +69,7 @@ class CpuLayout:
 def set_cpu_4bit_layout(model: torch.nn.Module, training: bool) -> None:
     """Decide, per 4-bit layer, whether bitsandbytes may repack its weight for its CPU inference kernel.
 
-    On CPUs with avx512_bf16, bitsandbytes >= 0.49 repacks a 4-bit weight the first time the layer runs
+    On CPUs with avx512_bf16, bitsandbytes (0.50 here) repacks a 4-bit weight the first time the layer runs
     in eval mode without gradients (an eval pass, generation): absmax scales become bf16 and later calls
     use a fused bf16 kernel. Two reasons to control that here:
     - training: the repack is one-way (the scales are rounded to bf16) and the packed kernel has no
@@ -92,7 +92,7 @@ def cpu_4bit_layout(model: torch.nn.Module) -> CpuLayout:
 
 
 def _four_bit_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    # bitsandbytes' Linear4bit carries this flag from 0.49 on; older versions have no packed kernel.
+    # bitsandbytes' Linear4bit carries this flag where it has the packed CPU kernel (0.50 does).
     return [(name, m) for name, m in model.named_modules() if hasattr(m, "support_avx512bf16_for_cpu")]
 
 

@@ -39,6 +39,7 @@ def test_explicit_settings_are_kept_and_autocast_only_where_weights_are_wider():
     assert resolve("float32", "bf16", None, SAPPHIRE_RAPIDS).autocast  # fp32 master weights, bf16 math
     assert not resolve("bfloat16", "bf16", None, SAPPHIRE_RAPIDS).autocast
     assert resolve("float32", "no", None, SAPPHIRE_RAPIDS).mixed_precision == "no"
+    assert "bfloat16 weights, no autocast" in resolve("bfloat16", "no", None, AVX2).describe()
     plan = resolve("auto", "bf16", None, AVX2)  # bf16 asked for on a CPU without it: honoured, with a warning
     assert (plan.model_dtype, plan.autocast) == ("bfloat16", False)
     assert "emulated" in precision.emulated_bf16_warning(plan, AVX2)
