@@ -9,7 +9,6 @@ plain-LoRA adapter PEFT writes loads here. Safetensors only: no pickle is ever r
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import nn
 
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
-from lorafit.inject import lora_modules, set_trainable, wrap_module
+from lorafit.inject import lora_modules, pattern_value, set_trainable, wrap_module
 from lorafit.lora import LoRALinear, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
@@ -189,7 +188,7 @@ def _group_tensors(
             raise LorafitError(
                 f"{adapter_dir / WEIGHTS_NAME}: module {name} has {sorted(pair)} but needs both {list(_PARTS)}"
             )
-        rank = int(_pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8)))
+        rank = int(pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8)))
         if pair["lora_A.weight"].ndim != 2 or pair["lora_B.weight"].shape[1:] != (rank,) \
                 or pair["lora_A.weight"].shape[0] != rank:
             raise LorafitError(
@@ -200,18 +199,10 @@ def _group_tensors(
             pair["lora_A.weight"],
             pair["lora_B.weight"],
             r=rank,
-            alpha=float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))),
+            alpha=float(pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))),
             use_rslora=bool(config.get("use_rslora", False)),
         )
     return grouped
-
-
-def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-    # PEFT's rule (get_pattern_key): a pattern applies when it matches the end of the module path.
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
-            return value
-    return default
 
 
 def _check_fit(model: nn.Module, per_module: dict[str, ModuleAdapter], adapter_dir: Path) -> None:

@@ -79,6 +79,7 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
     from lorafit import precision
     from lorafit.config import load_recipe
     from lorafit.inject import inject_lora
+    from lorafit.lora import lora_scaling
     from lorafit.model import load_base_model
     from lorafit.quant import cpu_4bit_layout
 
@@ -95,7 +96,9 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
     console.print(
         f"base [bold]{loaded.model.base}[/] ({type(model).__name__}, {model_cfg.dtype}, "
         f"loaded in {load_seconds:.1f}s)\n"
-        f"LoRA r={lora.r} alpha={lora.alpha:g} scaling={lora.alpha / lora.r:g} dropout={lora.dropout:g}\n"
+        f"LoRA r={lora.r} alpha={lora.alpha:g} scaling={lora_scaling(lora.r, lora.alpha, lora.use_rslora):g}"
+        f"{' (rsLoRA: alpha/sqrt(r))' if lora.use_rslora else ''} dropout={lora.dropout:g}"
+        f"{' (per-module r and alpha below)' if lora.rank_pattern or lora.alpha_pattern else ''}\n"
         f"{chosen.describe()}",
         highlight=False,
     )

@@ -10,10 +10,18 @@ import difflib
 import importlib.util
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorafit.errors import LorafitError
 
@@ -51,6 +59,17 @@ class RegexTarget(_Section):
 TargetModules = Literal["all-linear"] | list[str] | RegexTarget
 
 
+def _compiles(key: str) -> str:
+    try:
+        re.compile(key)
+    except re.error as err:
+        raise ValueError(f"key {key!r} is not a valid regular expression ({err})") from None
+    return key
+
+
+PatternKey = Annotated[str, AfterValidator(_compiles)]
+
+
 class LoRAConfig(_Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
@@ -58,6 +77,11 @@ class LoRAConfig(_Section):
     target_modules: TargetModules = "all-linear"
     layers: list[int] | None = None
     init: Literal["kaiming", "gaussian"] = "kaiming"
+    use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r (rank-stabilized LoRA)
+    # PEFT semantics: each key is a regex matched against the end of a targeted module's path
+    # (re.match(rf"(.*\.)?({key})$", name)); the first key that matches gives that module its r / alpha.
+    rank_pattern: dict[PatternKey, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    alpha_pattern: dict[PatternKey, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -263,8 +287,9 @@ def _describe(error: dict[str, Any], raw: dict, root: yaml.Node | None, path: Pa
 
 
 def _is_union_tag(part: Any) -> bool:
-    # pydantic adds the union member's type to the location ("list[str]", "RegexTarget"); users never wrote it.
-    return isinstance(part, str) and (part in {"list[str]", "RegexTarget"} or part.startswith("literal["))
+    # pydantic adds the union member's type ("list[str]", "RegexTarget") or "[key]" (a dict key's own check)
+    # to the location; users never wrote those.
+    return isinstance(part, str) and (part in {"list[str]", "RegexTarget", "[key]"} or part.startswith("literal["))
 
 
 def _where(loc: list[str], root: yaml.Node | None, path: Path, overridden: dict[str, str]) -> str:

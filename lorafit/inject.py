@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -23,6 +24,7 @@ class InjectionReport:
     modules: list[str]
     kinds: Counter = field(default_factory=Counter)          # "q_proj" -> how many wrapped
     kind_params: Counter = field(default_factory=Counter)    # "q_proj" -> trainable params
+    kind_settings: dict[str, set] = field(default_factory=dict)  # "q_proj" -> {(r, alpha), ...}
     trainable: int = 0
     total: int = 0
 
@@ -61,10 +63,34 @@ def find_targets(model: nn.Module, target_modules: TargetModules, layers: list[i
 def inject_lora(model: nn.Module, lora: LoRAConfig) -> InjectionReport:
     """Wrap the recipe's targets in place and leave only the LoRA parameters trainable."""
     targets = find_targets(model, lora.target_modules, lora.layers)
+    check_patterns_used(lora, targets)
     for name in targets:
-        wrap_module(model, name, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, init=lora.init)
+        r = pattern_value(lora.rank_pattern, name, lora.r)
+        alpha = pattern_value(lora.alpha_pattern, name, lora.alpha)
+        wrap_module(model, name, r=r, alpha=alpha, dropout=lora.dropout, init=lora.init, use_rslora=lora.use_rslora)
     set_trainable(model)
     return injection_report(model)
+
+
+def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """PEFT's rank/alpha_pattern rule: the first key whose regex matches the end of the module path."""
+    return next((value for key, value in patterns.items() if _pattern_matches(key, module_name)), default)
+
+
+def check_patterns_used(lora: LoRAConfig, targets: list[str]) -> None:
+    """A pattern that matches no targeted module is a typo or a stale key; PEFT ignores it silently."""
+    for setting in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(lora, setting):
+            if not any(_pattern_matches(key, name) for name in targets):
+                raise LorafitError(
+                    f"lora.{setting} key {key!r} matches none of the {len(targets)} targeted modules; keys are "
+                    f"regexes matched against the end of a module path, e.g. 'q_proj' or 'layers\\.0\\.mlp\\..*' "
+                    f"(targeted here: {targets[0]}, ...)"
+                )
+
+
+def _pattern_matches(key: str, module_name: str) -> bool:
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
 
 
 def wrap_module(model: nn.Module, name: str, **lora_kwargs) -> LoRALinear:
@@ -111,6 +137,7 @@ def injection_report(model: nn.Module) -> InjectionReport:
         kind = name.rsplit(".", 1)[-1]
         report.kinds[kind] += 1
         report.kind_params[kind] += sum(p.numel() for p in module.adapter_params().values())
+        report.kind_settings.setdefault(kind, set()).add((module.r, module.alpha))
     report.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total = sum(p.numel() for p in model.parameters())
     return report

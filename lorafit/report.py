@@ -31,15 +31,19 @@ def summary_table(summary: RunSummary) -> Table:
 def targeting_table(report: InjectionReport) -> Table:
     """Module kinds wrapped, how many, and the parameters they add (shared with `train` later)."""
     table = Table(title="LoRA targets", title_justify="left")
-    table.add_column("module")
-    table.add_column("count", justify="right")
-    table.add_column("trainable params", justify="right")
+    for column in ("module", "count", "r", "alpha", "trainable params"):
+        table.add_column(column, justify="left" if column == "module" else "right")
     for kind, count in report.kinds.items():
-        table.add_row(kind, str(count), f"{report.kind_params[kind]:,}")
+        settings = sorted(report.kind_settings.get(kind, ()))
+        ranks = ", ".join(str(r) for r in sorted({r for r, _ in settings}))
+        alphas = ", ".join(f"{a:g}" for a in sorted({a for _, a in settings}))
+        table.add_row(kind, str(count), ranks, alphas, f"{report.kind_params[kind]:,}")
     table.add_section()
     table.add_row(
         "[bold]total[/]",
         str(sum(report.kinds.values())),
+        "",
+        "",
         f"[bold]{report.trainable:,}[/] of {report.total:,} ({report.trainable_percent:.3f}%)",
     )
     return table

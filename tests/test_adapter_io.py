@@ -151,3 +151,39 @@ def test_unexpected_tensor_names_are_refused(tmp_path):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(LorafitError, match="no adapter_config.json"):
         load_adapter(tiny_model(), tmp_path / "nowhere")
+
+
+PATTERNS = {"r": 4, "alpha": 8, "use_rslora": True,
+            "rank_pattern": {"q_proj": 8, r"layers\.1\.mlp\.down_proj": 2, ".*_proj": 6},  # first match wins
+            "alpha_pattern": {"v_proj": 4, r"layers\.0\..*": 16}}
+
+
+def test_rslora_and_patterns_from_a_recipe_give_peft_identical_modules(tmp_path, input_ids):
+    """The recipe's use_rslora / rank_pattern / alpha_pattern against PEFT's LoraConfig with the same
+    values: same modules, same rank and scaling per module, and the saved adapter loads in PEFT."""
+    ours = tiny_model()
+    inject_lora(ours, LoRAConfig(**PATTERNS))
+    theirs = get_peft_model(tiny_model(), PeftLoraConfig(
+        r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear",
+        rank_pattern=PATTERNS["rank_pattern"], alpha_pattern=PATTERNS["alpha_pattern"]))
+    peft_layers = {name.removeprefix("base_model.model."): module for name, module in theirs.named_modules()
+                   if hasattr(module, "scaling") and isinstance(module.scaling, dict) and "default" in module.scaling}
+    ours_layers = lora_modules(ours)
+    assert set(ours_layers) == set(peft_layers) and len(ours_layers) == 14
+    for name, module in ours_layers.items():
+        theirs_layer = peft_layers[name]
+        assert (module.r, module.scaling) == (theirs_layer.r["default"], theirs_layer.scaling["default"]), name
+    assert ours_layers["model.layers.1.self_attn.q_proj"].r == 8  # q_proj listed before the catch-all ".*_proj"
+    assert ours_layers["model.layers.1.mlp.down_proj"].r == 2
+    assert ours_layers["model.layers.0.mlp.down_proj"].r == 6
+    assert ours_layers["model.layers.1.self_attn.v_proj"].scaling == 4 / 6**0.5  # alpha 4, rsLoRA
+
+    randomize_lora_B(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter").eval()
+    torch.testing.assert_close(peft_model(input_ids).logits, ours(input_ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_pattern_that_matches_no_target_is_an_error():
+    with pytest.raises(LorafitError, match=r"lora.rank_pattern key 'qproj' matches none of the 4 targeted"):
+        inject_lora(tiny_model(), LoRAConfig(target_modules=["q_proj", "v_proj"], rank_pattern={"qproj": 8}))

@@ -138,3 +138,16 @@ def test_every_shipped_config_loads(path, monkeypatch):
     monkeypatch.chdir(REPO)
     recipe = load_recipe(path)
     assert Path(recipe.data.train).is_file()
+
+
+def test_rank_and_alpha_patterns_are_checked_with_line_and_key(tmp_path, train_file):
+    text = (f"data:\n  train: {train_file}\nlora:\n  use_rslora: true\n  rank_pattern:\n    q_proj: 0\n"
+            "    'v_(proj': 4\n  alpha_pattern:\n    k_proj: -2\n")
+    path = write_recipe(tmp_path / "r.yaml", text)
+    message = recipe_error(path)
+    assert f"{path}:6  lora.rank_pattern.q_proj: input should be greater than or equal to 1 (got 0)" in message
+    assert f"{path}:7  lora.rank_pattern.v_(proj: key 'v_(proj' is not a valid regular expression" in message
+    assert f"{path}:9  lora.alpha_pattern.k_proj: input should be greater than 0 (got -2)" in message
+    good = write_recipe(tmp_path / "g.yaml", f"data:\n  train: {train_file}\n")
+    recipe = load_recipe(good, ["lora.use_rslora=true", "lora.rank_pattern={q_proj: 8, 'layers\\.0\\..*': 2}"])
+    assert recipe.lora.use_rslora and recipe.lora.rank_pattern == {"q_proj": 8, r"layers\.0\..*": 2}
