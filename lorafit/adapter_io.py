@@ -2,8 +2,8 @@
 
 Keys are ``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
 which is what ``peft.PeftModel.from_pretrained`` reads and what PEFT's ``save_pretrained`` writes.
-Reading trusts the tensors (module paths and shapes) and uses the config only for scaling, so any
-plain-LoRA adapter PEFT writes loads here. Safetensors only: no pickle is ever read.
+Reading trusts the tensors (module paths and shapes) and uses the config for scaling and the variant,
+so any plain-LoRA or DoRA adapter PEFT writes for linear layers loads here. Safetensors only: no pickle is ever read.
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorafit.dora import dora_merged_weight
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
 from lorafit.inject import lora_modules, pattern_value, set_trainable, wrap_module
-from lorafit.lora import LoRALinear, lora_scaling
+from lorafit.lora import LoRALinear, lora_delta, lora_scaling, merged_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 _PARTS = ("lora_A.weight", "lora_B.weight")
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's [out] magnitude; PEFT saves it without ".weight"
 # PEFT options that change the math; an adapter using any of them is refused instead of loaded wrong.
 _UNSUPPORTED = {
-    "use_dora": False,
     "fan_in_fan_out": False,
     "lora_bias": False,
     "modules_to_save": None,
@@ -41,17 +42,29 @@ _UNSUPPORTED = {
 
 @dataclass
 class ModuleAdapter:
-    """One module's saved update: A [r, in], B [out, r], and the scaling the config gives it."""
+    """One module's saved update: A [r, in], B [out, r], the scaling the config gives it, and for DoRA
+    the magnitude [out]."""
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     r: int
     alpha: float
     use_rslora: bool = False
+    magnitude: torch.Tensor | None = None
 
     @property
     def scaling(self) -> float:
         return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+    @property
+    def variant(self) -> str:
+        return "lora" if self.magnitude is None else "dora"
+
+    def merged_weight(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight with this update folded in (fp32 math), as the variant's layer merges it."""
+        if self.magnitude is None:
+            return merged_weight(weight, lora_delta(self.lora_A, self.lora_B, self.scaling), dtype)
+        return dora_merged_weight(weight, self.lora_A, self.lora_B, self.scaling, self.magnitude, dtype)
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | None = None) -> Path:
@@ -95,7 +108,7 @@ def adapter_config(modules: dict[str, LoRALinear], base_model_name: str | None) 
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": first.use_rslora,
-        "use_dora": False,
+        **first.peft_fields(),  # the variant's own fields: use_dora
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -119,10 +132,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     dropout = float(config.get("lora_dropout") or 0.0)
     wrapped = {}
     for name, found in per_module.items():
-        module = wrap_module(model, name, r=found.r, alpha=found.alpha, dropout=dropout, use_rslora=found.use_rslora)
+        module = wrap_module(model, name, found.variant, r=found.r, alpha=found.alpha, dropout=dropout,
+                             use_rslora=found.use_rslora)
         with torch.no_grad():
             module.lora_A.weight.copy_(found.lora_A)
             module.lora_B.weight.copy_(found.lora_B)
+            if found.magnitude is not None:
+                module.lora_magnitude_vector.copy_(found.magnitude)
         wrapped[name] = module
     if trainable:
         set_trainable(model)
@@ -172,21 +188,25 @@ def _group_tensors(
     tensors: dict[str, torch.Tensor], config: dict[str, Any], adapter_dir: Path
 ) -> dict[str, ModuleAdapter]:
     """``base_model.model.<path>.lora_A.weight`` keys -> per-module A, B, r and alpha."""
+    dora = bool(config.get("use_dora", False))
+    known = (*_PARTS, MAGNITUDE) if dora else _PARTS
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         stripped = key.removeprefix(KEY_PREFIX)
-        name, part = next(((stripped[: -len(p) - 1], p) for p in _PARTS if stripped.endswith("." + p)), (None, None))
+        name, part = next(((stripped[: -len(p) - 1], p) for p in known if stripped.endswith("." + p)), (None, None))
         if name is None or not key.startswith(KEY_PREFIX):
-            raise LorafitError(f"{adapter_dir / WEIGHTS_NAME}: unexpected tensor {key!r}; lorafit reads plain LoRA "
-                               "tensors named base_model.model.<module>.lora_A.weight / lora_B.weight")
+            raise LorafitError(f"{adapter_dir / WEIGHTS_NAME}: unexpected tensor {key!r}; lorafit reads LoRA "
+                               "tensors named base_model.model.<module>.lora_A.weight / lora_B.weight (and "
+                               f".{MAGNITUDE} when {CONFIG_NAME} says use_dora: true)")
         parts.setdefault(name, {})[part] = tensor
     if not parts:
         raise LorafitError(f"{adapter_dir / WEIGHTS_NAME}: holds no LoRA tensors")
     grouped = {}
     for name, pair in parts.items():
-        if set(pair) != set(_PARTS):
+        needed = (*_PARTS, MAGNITUDE) if dora else _PARTS
+        if set(pair) != set(needed):
             raise LorafitError(
-                f"{adapter_dir / WEIGHTS_NAME}: module {name} has {sorted(pair)} but needs both {list(_PARTS)}"
+                f"{adapter_dir / WEIGHTS_NAME}: module {name} has {sorted(pair)} but needs {list(needed)}"
             )
         rank = int(pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8)))
         if pair["lora_A.weight"].ndim != 2 or pair["lora_B.weight"].shape[1:] != (rank,) \
@@ -195,12 +215,18 @@ def _group_tensors(
                 f"{adapter_dir / WEIGHTS_NAME}: module {name} has lora_A {list(pair['lora_A.weight'].shape)} and "
                 f"lora_B {list(pair['lora_B.weight'].shape)}, which do not agree with r={rank} from {CONFIG_NAME}"
             )
+        magnitude = pair.get(MAGNITUDE)
+        if magnitude is not None and tuple(magnitude.shape) != (pair["lora_B.weight"].shape[0],):
+            raise LorafitError(f"{adapter_dir / WEIGHTS_NAME}: module {name} has {MAGNITUDE} "
+                               f"{list(magnitude.shape)}, which does not agree with lora_B "
+                               f"{list(pair['lora_B.weight'].shape)} (one magnitude per output row)")
         grouped[name] = ModuleAdapter(
             pair["lora_A.weight"],
             pair["lora_B.weight"],
             r=rank,
             alpha=float(pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))),
             use_rslora=bool(config.get("use_rslora", False)),
+            magnitude=magnitude,
         )
     return grouped
 

@@ -28,6 +28,7 @@ app = typer.Typer(
 console = Console()
 error_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
+VARIANT_NAMES = {"lora": "LoRA", "dora": "DoRA (LoRA + a magnitude per output row)"}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see configs/).", show_default=False)]
 SetOption = Annotated[
@@ -93,10 +94,11 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
     report = inject_lora(model, loaded.lora)
     memory = memory_estimate(model, report.trainable, loaded.train.optimizer, loaded.model.quantize)
     lora = loaded.lora
+    scaling = lora_scaling(lora.r, lora.alpha, lora.use_rslora)
     console.print(
         f"base [bold]{loaded.model.base}[/] ({type(model).__name__}, {model_cfg.dtype}, "
         f"loaded in {load_seconds:.1f}s)\n"
-        f"LoRA r={lora.r} alpha={lora.alpha:g} scaling={lora_scaling(lora.r, lora.alpha, lora.use_rslora):g}"
+        f"{VARIANT_NAMES[lora.variant]} r={lora.r} alpha={lora.alpha:g} scaling={scaling:g}"
         f"{' (rsLoRA: alpha/sqrt(r))' if lora.use_rslora else ''} dropout={lora.dropout:g}"
         f"{' (per-module r and alpha below)' if lora.rank_pattern or lora.alpha_pattern else ''}\n"
         f"{chosen.describe()}",

@@ -77,6 +77,7 @@ class LoRAConfig(_Section):
     target_modules: TargetModules = "all-linear"
     layers: list[int] | None = None
     init: Literal["kaiming", "gaussian"] = "kaiming"
+    variant: Literal["lora", "dora"] = "lora"  # dora: a trainable magnitude per output row (lorafit/dora.py)
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r (rank-stabilized LoRA)
     # PEFT semantics: each key is a regex matched against the end of a targeted module's path
     # (re.match(rf"(.*\.)?({key})$", name)); the first key that matches gives that module its r / alpha.

@@ -10,9 +10,12 @@ from typing import Any
 from torch import nn
 
 from lorafit.config import LoRAConfig, RegexTarget, TargetModules
+from lorafit.dora import DoRALinear
 from lorafit.errors import LorafitError
 from lorafit.lora import LoRALinear
 
+# lora.variant -> the layer class that implements it; every variant is a LoRALinear.
+VARIANTS: dict[str, type[LoRALinear]] = {"lora": LoRALinear, "dora": DoRALinear}
 # Decoder blocks live under one of these containers in nearly every HF causal LM ("model.layers.3.").
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
 
@@ -67,7 +70,8 @@ def inject_lora(model: nn.Module, lora: LoRAConfig) -> InjectionReport:
     for name in targets:
         r = pattern_value(lora.rank_pattern, name, lora.r)
         alpha = pattern_value(lora.alpha_pattern, name, lora.alpha)
-        wrap_module(model, name, r=r, alpha=alpha, dropout=lora.dropout, init=lora.init, use_rslora=lora.use_rslora)
+        wrap_module(model, name, lora.variant, r=r, alpha=alpha, dropout=lora.dropout, init=lora.init,
+                    use_rslora=lora.use_rslora)
     set_trainable(model)
     return injection_report(model)
 
@@ -93,10 +97,10 @@ def _pattern_matches(key: str, module_name: str) -> bool:
     return re.match(rf"(.*\.)?({key})$", module_name) is not None
 
 
-def wrap_module(model: nn.Module, name: str, **lora_kwargs) -> LoRALinear:
+def wrap_module(model: nn.Module, name: str, variant: str = "lora", **lora_kwargs) -> LoRALinear:
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    wrapped = LoRALinear(getattr(parent, child_name), **lora_kwargs)
+    wrapped = VARIANTS[variant](getattr(parent, child_name), **lora_kwargs)
     setattr(parent, child_name, wrapped)
     return wrapped
 
@@ -124,10 +128,10 @@ def set_trainable(model: nn.Module) -> None:
 
 
 def adapters_to_float32(model: nn.Module) -> None:
-    """Keep trainable LoRA weights in fp32 whatever the base dtype: bf16 AdamW updates would round away."""
+    """Keep trainable adapter weights in fp32 whatever the base dtype: bf16 AdamW updates would round away."""
     for module in lora_modules(model).values():
-        module.lora_A.float()
-        module.lora_B.float()
+        for param in module.adapter_params().values():
+            param.data = param.data.float()
 
 
 def injection_report(model: nn.Module) -> InjectionReport:

@@ -8,7 +8,7 @@ Parts are named ``lora_A`` / ``lora_B`` exactly as PEFT names them, so saving is
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -125,12 +125,18 @@ class LoRALinear(nn.Module):
         """scaling · B @ A, fp32, [out, in]."""
         return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
+    def merged_weight_from(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight with this adapter folded in, W + scaling·B·A, computed in fp32, in W's dtype.
+        Every variant provides this; merging a loaded model and merging checkpoint files both use it."""
+        return merged_weight(weight, self.delta_weight())
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight. Idempotent: merging twice does not add it twice."""
         if self.merged:
             return
-        self._add_to_base(self.delta_weight())
+        weight = self._float_base_weight()
+        weight.copy_(self.merged_weight_from(weight))
         self.merged = True
 
     @torch.no_grad()
@@ -138,17 +144,22 @@ class LoRALinear(nn.Module):
         """Take the update back out of the base weight (exact up to the base dtype's rounding)."""
         if not self.merged:
             return
-        self._add_to_base(-self.delta_weight())
+        weight = self._float_base_weight()
+        weight.copy_(merged_weight(weight, -self.delta_weight()))
         self.merged = False
 
-    def _add_to_base(self, delta: torch.Tensor) -> None:
+    def _float_base_weight(self) -> torch.Tensor:
         weight = self.base_layer.weight
         if not weight.dtype.is_floating_point:
             raise TypeError(
                 f"cannot merge LoRA into a {weight.dtype} (quantized) base weight: merge into the "
                 "full-precision checkpoint instead"
             )
-        weight.copy_(merged_weight(weight, delta))
+        return weight
+
+    def peft_fields(self) -> dict[str, Any]:
+        """The adapter_config.json fields (PEFT's LoraConfig names) this variant sets."""
+        return {"use_dora": False}
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The parameters this adapter owns, under the names PEFT saves them with."""

@@ -1,8 +1,9 @@
 """``lorafit merge``: fold an adapter into full base weights, shard by shard, and check the result.
 
 Works on the checkpoint files, not on a loaded model: each input shard is read, its targeted weights
-get ``W + scaling · B @ A`` (in fp32, then cast), and tensors stream into output shards. Peak memory is
-about one input shard plus one output shard, not the model twice. Everything is written into a temp
+get the adapter folded in (``W + scaling · B @ A``, or DoRA's rescaled form; in fp32, then cast), and
+tensors stream into output shards. Peak memory is about one input shard plus one output shard, not the
+model twice. Everything is written into a temp
 folder that replaces OUT only after the verification passed, so a failure leaves no half-written OUT.
 """
 
@@ -23,7 +24,6 @@ from lorafit.adapter_io import ModuleAdapter, misfit_error, read_adapter
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
-from lorafit.lora import lora_delta, merged_weight
 from lorafit.model import DTYPES, local_source
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -67,8 +67,7 @@ def merge_adapter(
             for key, tensor in load_file(path).items():  # one input shard in memory at a time
                 module = key.removesuffix(".weight")
                 if key.endswith(".weight") and module in updates:
-                    up = updates[module]
-                    tensor = merged_weight(tensor, lora_delta(up.lora_A, up.lora_B, up.scaling), target_dtype)
+                    tensor = updates[module].merged_weight(tensor, target_dtype)
                 elif tensor.is_floating_point():
                     tensor = tensor.to(target_dtype)
                 writer.add(key, tensor)

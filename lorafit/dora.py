@@ -1,0 +1,129 @@
+"""DoRA (weight-decomposed LoRA, Liu et al. 2024): a trainable magnitude per output row on top of LoRA.
+
+    W' = m · (W + s·B·A) / ‖W + s·B·A‖_row        m: [out], initialised to ‖W‖_row, so W' = W at start
+
+As a layer, for x: (..., in), with base(x) = W·x + bias, lora(x) = B·A·x and g = m / ‖W + s·B·A‖_row:
+
+    y = base(x) + (g − 1) ⊙ (W·x) + g ⊙ s·lora(x)
+
+The norm is computed from detached LoRA weights and is itself detached (DoRA paper §4.3, as PEFT does), so
+gradients reach m, A and B only through g's numerator and lora(x). PEFT builds the full out×in matrix
+W + s·B·A every forward to take that norm; a row norm never needs it:
+
+    ‖W + s·BA‖²_row = ‖W‖²_row + 2s·rowsum((W·Aᵀ) ⊙ B) + s²·rowsum((B·A·Aᵀ) ⊙ B)
+
+with ‖W‖²_row computed once (W is frozen) and W·Aᵀ = base(A)ᵀ − bias, an [out, r] product that works for a
+4-bit base as it is, without de-quantizing W. Saved in PEFT's format: ``…lora_magnitude_vector`` ([out],
+no ``.weight``) and ``use_dora: true``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafit.lora import LoRALinear, lora_delta
+
+
+def dora_row_norm(weight_sq_norm: torch.Tensor, weight_a: torch.Tensor, lora_A: torch.Tensor,
+                  lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W + s·B·A‖ per output row, fp32, [out], from ‖W‖²_row [out], W·Aᵀ [out, r], A [r, in], B [out, r]."""
+    A, B = lora_A.float(), lora_B.float()
+    cross = (weight_a.float() * B).sum(dim=1)          # rowsum((W·Aᵀ) ⊙ B): [out]
+    update_sq = ((B @ (A @ A.T)) * B).sum(dim=1)        # ‖(B·A)_row‖²: [out]
+    return (weight_sq_norm + 2 * scaling * cross + scaling**2 * update_sq).clamp_min(0).sqrt()
+
+
+def dora_merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                       magnitude: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """m · (W + s·B·A) / ‖W + s·B·A‖_row, computed in fp32 and returned in ``dtype`` (default: W's).
+    Pure: used by DoRALinear.merge and by merging checkpoint files. Refuses non-finite results."""
+    updated = weight.float() + lora_delta(lora_A, lora_B, scaling).to(weight.device)
+    merged = updated * (magnitude.float().to(weight.device) / updated.norm(dim=1))[:, None]
+    if not torch.isfinite(merged).all():
+        raise ValueError("merging this DoRA update gives non-finite weights")
+    return merged.to(dtype or weight.dtype)
+
+
+class DoRALinear(LoRALinear):
+    """LoRALinear plus ``lora_magnitude_vector`` [out]. Shapes as LoRALinear's; see the module docstring."""
+
+    def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
+        super().__init__(base_layer, *args, **kwargs)
+        weight = dense_weight(base_layer)  # [out, in] fp32, once: W is frozen
+        # ‖W‖²_row is a buffer, not state: it is recomputed from the base when the layer is built.
+        self.register_buffer("weight_sq_norm", weight.pow(2).sum(dim=1), persistent=False)
+        self.lora_magnitude_vector = nn.Parameter(self.weight_sq_norm.sqrt().to(self.lora_A.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        result = self.base_layer(x)  # (..., out), W·x + bias
+        dtype = result.dtype
+        lora_in = self.lora_dropout(x)
+        if lora_in is x:  # no dropout: W·x is the base output without its bias
+            base_out = result if self.base_layer.bias is None else result - self.base_layer.bias.to(dtype)
+        else:  # dropout on: PEFT applies W to the dropped input too
+            base_out = self._base_without_bias(lora_in)
+        lora_out = F.linear(F.linear(lora_in.to(dtype), self.lora_A.weight.to(dtype)), self.lora_B.weight.to(dtype))
+        gain = (self.lora_magnitude_vector / self.row_norm().detach()).to(dtype)  # [out]
+        return result + (gain - 1) * base_out + gain * (lora_out * self.scaling)
+
+    @torch.no_grad()
+    def row_norm(self) -> torch.Tensor:
+        """‖W + s·B·A‖_row [out], fp32, from the current (detached) A and B."""
+        weight = self.base_layer.weight
+        A = self.lora_A.weight.to(weight.dtype if weight.dtype.is_floating_point else torch.float32)
+        weight_a = self._base_without_bias(A).float().T  # W·Aᵀ: [out, r]
+        return dora_row_norm(self.weight_sq_norm, weight_a, self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+    def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        bias = getattr(self.base_layer, "bias", None)
+        return out if bias is None else out - bias.to(out.dtype)
+
+    def merged_weight_from(self, weight: torch.Tensor) -> torch.Tensor:
+        return dora_merged_weight(weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                  self.lora_magnitude_vector)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← m·(W + s·BA)/‖W + s·BA‖_row. Idempotent; the row factor is kept so unmerge can undo it."""
+        if self.merged:
+            return
+        weight = self._float_base_weight()
+        updated = weight.float() + self.delta_weight()
+        self._merge_factor = self.lora_magnitude_vector.float() / updated.norm(dim=1)
+        weight.copy_(self.merged_weight_from(weight))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self._float_base_weight()
+        weight.copy_(weight.float() / self._merge_factor[:, None] - self.delta_weight())
+        self.merged = False
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {**super().adapter_params(), "lora_magnitude_vector": self.lora_magnitude_vector}
+
+    def peft_fields(self) -> dict[str, Any]:
+        return {"use_dora": True}
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as a dense fp32 [out, in] tensor; a bitsandbytes 4-bit weight de-quantized."""
+    weight = layer.weight
+    if weight.dtype.is_floating_point:
+        return weight.detach().float()
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        raise TypeError(f"DoRA needs a float or 4-bit base weight, not {weight.dtype} ({type(layer).__name__}); "
+                        "use model.quantize: 4bit or no quantization")
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(weight.data, state).float()

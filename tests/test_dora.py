@@ -1,0 +1,197 @@
+"""DoRA: the formula by hand, the fast row norm, merge, PEFT's own DoRA both ways, a 4-bit base, a run."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from lorafit.adapter_io import load_adapter, save_adapter
+from lorafit.config import LoRAConfig, ModelConfig, load_recipe
+from lorafit.dora import DoRALinear, dora_row_norm
+from lorafit.errors import LorafitError
+from lorafit.inject import adapters_to_float32, inject_lora, lora_modules
+from lorafit.merge import merge_adapter
+from lorafit.model import load_base_model
+from lorafit.train import train as run_training
+
+from .conftest import ctrl_c_after_step, randomize_lora_B, tiny_model, write_recipe
+
+
+def perturb_magnitudes(model: nn.Module, seed: int = 5) -> None:
+    """m starts at ‖W‖_row (W' = W); move it so the magnitude part of the update matters too."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            m = module.lora_magnitude_vector
+            m.mul_(1 + 0.2 * torch.rand(m.shape, generator=generator))
+
+
+def make_layer(bias=True) -> DoRALinear:
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(16, 24, bias=bias), r=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+        layer.lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, 24))
+    layer.base_layer.requires_grad_(False)
+    return layer
+
+
+def formula(layer: DoRALinear, x, A, B, m):
+    """y = x·Wᵀ + b + (g − 1)·(x·Wᵀ) + g·s·(x·Aᵀ·Bᵀ), g = m / ‖W + s·B·A‖_row with the norm detached."""
+    W, b, s = layer.base_layer.weight, layer.base_layer.bias, layer.scaling
+    norm = (W + s * (B @ A)).norm(dim=1).detach()
+    g = m / norm
+    base = x @ W.T
+    return base + b + (g - 1) * base + g * s * (x @ A.T @ B.T)
+
+
+def test_forward_and_gradients_equal_the_formula():
+    layer = make_layer()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    out = layer(x)
+    upstream = torch.randn(3, 5, 24)
+    out.backward(upstream)
+    x2 = x.detach().clone().requires_grad_(True)
+    A, B, m = (p.detach().clone().requires_grad_(True)
+               for p in (layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector))
+    expected = formula(layer, x2, A, B, m)
+    expected.backward(upstream)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    ours = (x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad, layer.lora_magnitude_vector.grad)
+    for got, want in zip(ours, (x2.grad, A.grad, B.grad, m.grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_row_norm_equals_the_full_matrix_norm():
+    generator = torch.Generator().manual_seed(0)
+    W, A, B = (torch.randn(shape, generator=generator, dtype=torch.float64) for shape in ((96, 64), (8, 64), (96, 8)))
+    full = (W + 2.5 * (B @ A)).norm(dim=1)
+    fast = dora_row_norm(W.pow(2).sum(dim=1), W @ A.T, A, B, 2.5)
+    torch.testing.assert_close(fast.double(), full, rtol=1e-5, atol=0)
+
+
+def test_fresh_layer_is_the_base_and_merge_equals_the_unmerged_output():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 24)
+    fresh = DoRALinear(base, r=4, alpha=8.0)
+    x = torch.randn(7, 16)
+    torch.testing.assert_close(fresh(x), base(x), atol=1e-6, rtol=0)  # m = ‖W‖_row and B = 0
+    layer = make_layer()
+    with torch.no_grad():
+        unmerged = layer(x)
+        original = layer.base_layer.weight.clone()
+        layer.merge()
+        layer.merge()  # idempotent
+        torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=0)
+        layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, original, atol=1e-5, rtol=0)
+
+
+def peft_dora(model, **extra):
+    return get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear", **extra))
+
+
+def test_magnitude_starts_where_peft_starts():
+    ours = tiny_model()
+    inject_lora(ours, LoRAConfig(r=4, alpha=8, variant="dora"))
+    theirs = peft_dora(tiny_model())
+    for name, module in lora_modules(ours).items():
+        peft_m = theirs.get_submodule(f"base_model.model.{name}").lora_magnitude_vector["default"].weight
+        torch.testing.assert_close(module.lora_magnitude_vector, peft_m, atol=1e-6, rtol=0)
+
+
+def test_lorafit_dora_adapter_loads_in_peft_with_same_logits_and_gradients(tmp_path, input_ids):
+    ours = tiny_model()
+    inject_lora(ours, LoRAConfig(r=4, alpha=8, variant="dora"))
+    randomize_lora_B(ours)
+    perturb_magnitudes(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    theirs = PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter", is_trainable=True)
+    ours_loss = ours(input_ids, labels=input_ids).loss
+    theirs_loss = theirs(input_ids, labels=input_ids).loss
+    torch.testing.assert_close(ours_loss, theirs_loss, atol=1e-5, rtol=0)
+    ours_loss.backward()
+    theirs_loss.backward()
+    peft_grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+                  for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, module in lora_modules(ours).items():
+        for part, param in module.adapter_params().items():
+            key = f"{name}.{part}" + (".weight" if part == "lora_magnitude_vector" else "")
+            torch.testing.assert_close(param.grad, peft_grads[key], atol=1e-5, rtol=1e-4)
+
+
+def test_peft_dora_adapter_loads_in_lorafit_and_merges_like_merge_and_unload(tmp_path, input_ids, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    theirs = peft_dora(tiny_model())
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    theirs.save_pretrained(tmp_path / "peft")
+    expected = theirs.eval()(input_ids).logits
+    ours = tiny_model()
+    load_adapter(ours, tmp_path / "peft")
+    assert all(isinstance(m, DoRALinear) for m in lora_modules(ours).values())
+    torch.testing.assert_close(ours(input_ids).logits, expected, atol=1e-5, rtol=0)
+
+    merge_adapter(str(tiny_model_dir), tmp_path / "peft", tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    peft_merged = theirs.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids).logits, peft_merged(input_ids).logits, atol=1e-5, rtol=0)
+
+
+def test_dora_over_a_4bit_base(tmp_path, input_ids):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_4bit
+
+    folder = tmp_path / "tiny-64"
+    tiny_model(hidden_size=64, intermediate_size=128).save_pretrained(folder)
+    model = load_base_model(ModelConfig(base=str(folder), dtype="float32", quantize="4bit"), training=True)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, variant="dora"))
+    adapters_to_float32(model)
+    layer = lora_modules(model)["model.layers.0.self_attn.q_proj"]
+    weight = dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state).float()
+    torch.testing.assert_close(layer.lora_magnitude_vector, weight.norm(dim=1), atol=1e-5, rtol=0)
+    randomize_lora_B(model)
+    torch.testing.assert_close(layer.row_norm(), (weight + layer.delta_weight()).norm(dim=1), atol=1e-4, rtol=1e-5)
+    model.train()
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert torch.isfinite(loss) and grads and all(("lora_" in n) for n in grads)
+    assert any("lora_magnitude_vector" in n for n in grads)
+
+
+def test_train_with_variant_dora_learns_and_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):
+    rows = [{"prompt": f"day {d}", "completion": f"2020-01-{d:02d}"} for d in range(1, 17)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def recipe(out):
+        text = f"""\
+model: {{base: {tiny_model_dir}, dtype: float32}}
+lora: {{r: 4, alpha: 8, variant: dora}}
+data: {{train: {tmp_path / 'train.jsonl'}}}
+train: {{max_steps: 6, micro_batch_size: 8, lr: 1.0e-2, precision: "no", save_every: 3}}
+output: {{dir: {tmp_path / out}}}
+"""
+        return load_recipe(write_recipe(tmp_path / f"{out}.yaml", text))
+
+    def losses(out):
+        lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if '"train"' in x]
+
+    run_training(recipe("straight"))
+    assert losses("straight")[-1] < losses("straight")[0]
+    config = json.loads((tmp_path / "straight" / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    with ctrl_c_after_step(monkeypatch, 4), pytest.raises(LorafitError, match="interrupted after step 4"):
+        run_training(recipe("resumed"))
+    run_training(recipe("resumed"), resume="latest")
+    assert losses("resumed") == losses("straight")
