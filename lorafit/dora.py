@@ -64,9 +64,9 @@ class DoRALinear(LoRALinear):
         result = self.base_layer(x)  # (..., out), W·x + bias
         dtype = result.dtype
         lora_in = self.lora_dropout(x)
-        if lora_in is x:  # no dropout: W·x is the base output without its bias
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:  # W·x: the base output less its bias
             base_out = result if self.base_layer.bias is None else result - self.base_layer.bias.to(dtype)
-        else:  # dropout on: PEFT applies W to the dropped input too
+        else:  # dropout active: as PEFT, the magnitude term applies W to the dropped input
             base_out = self._base_without_bias(lora_in)
         lora_out = F.linear(F.linear(lora_in.to(dtype), self.lora_A.weight.to(dtype)), self.lora_B.weight.to(dtype))
         gain = (self.lora_magnitude_vector / self.row_norm().detach()).to(dtype)  # [out]

@@ -9,6 +9,7 @@ tokens packed from the quickstart data (completions trained, prompts masked), Ad
   autocast), lorafit+compile, and PEFT's two usual setups: bf16 weights + fp32 adapters ("peft"), and fp32
   weights under bf16 autocast ("peft+autocast"); plus PEFT in fp32 as the reference run.
 - qlora: 4-bit NF4 base, computing in bf16 where it is native (then with an fp32 reference run), else fp32.
+- dora (fp32): lorafit's DoRA against PEFT's DoRA, and its step time against lorafit's own LoRA step.
 Reported per run: median tokens/s of the steps after warm-up, peak memory (RSS sampled during training on
 CPU, max_memory_allocated on CUDA), the loss at each step, ratios against the fastest PEFT row of the same
 configuration, and MFU: model FLOPs per second over a matmul peak measured on the same device and dtype in
@@ -63,9 +64,15 @@ class Row:
     compile: bool = False
     checkpointing: bool = False
     reference: bool = False      # the fp32 run bf16 rows are gated against; not a speed competitor
+    variant: str = "lora"        # lora | dora
+    baseline: bool = False       # lorafit's plain LoRA in the dora config: the step time DoRA is compared with
 
 
 def rows_for(config: str, compute: str, compile_rows: bool, checkpointing: bool) -> list[Row]:
+    if config == "dora":  # fp32: lorafit's DoRA against PEFT's, and against lorafit's own LoRA step
+        return [Row("lorafit dora", "lorafit", compute, variant="dora"),
+                Row("lorafit lora (baseline)", "lorafit", compute, baseline=True),
+                Row("peft dora", "peft", compute, variant="dora")]
     lorafit = [Row("lorafit", "lorafit", compute)]
     if compile_rows and config != "qlora":
         lorafit.append(Row("lorafit+compile", "lorafit", compute, compile=True))
@@ -117,7 +124,7 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     initial = torch.load(init_path, weights_only=True)  # the same A (and zero B) for every run
     if row.framework == "lorafit":
-        inject_lora(model, LoRAConfig(r=RANK, alpha=ALPHA, dropout=0.0))
+        inject_lora(model, LoRAConfig(r=RANK, alpha=ALPHA, dropout=0.0, variant=row.variant))
         adapters_to_float32(model)  # as lorafit train does
         modules = {f"{name}.{part}": param for name, module in lora_modules(model).items()
                    for part, param in module.adapter_params().items()}
@@ -129,15 +136,16 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
 
         # PEFT keeps adapter weights in fp32 over a 16-bit base by default (autocast_adapter_dtype=True).
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                                                 target_modules="all-linear"))
+                                                 target_modules="all-linear", use_dora=row.variant == "dora"))
         modules = {n.removeprefix("base_model.model.").replace(".default", ""): p
                    for n, p in model.named_parameters() if "lora_" in n}
 
         def loss_fn(batch):
             return model(**batch, use_cache=False).loss  # transformers' own loss: full logits, mean over labels
     with torch.no_grad():
-        for name, param in modules.items():
-            param.data = initial[name].to(param.device, torch.float32).clone()
+        for name, param in modules.items():  # A and B; DoRA's magnitude starts from the base weight in both
+            if name in initial:
+                param.data = initial[name].to(param.device, torch.float32).clone()
     if not quantize:
         model.to(device)
     if row.compile:
@@ -238,12 +246,12 @@ def machine() -> dict:
     return info
 
 
-CONFIGS = {"fp32": None, "bf16": None, "qlora": "4bit"}  # name -> quantize
+CONFIGS = {"fp32": None, "bf16": None, "qlora": "4bit", "dora": None}  # name -> quantize
 
 
 def compute_dtype(config: str, native_bf16: bool) -> str | None:
     """The dtype a config computes in here, or None when it is skipped on this device."""
-    if config == "fp32":
+    if config in ("fp32", "dora"):
         return "float32"
     if config == "bf16":
         return "bfloat16" if native_bf16 else None
@@ -294,7 +302,7 @@ def main() -> int:
                     runs[row.name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             peaks = {dtype: max(peak, matmul_peak(dtype)) for dtype, peak in peaks.items()}
             summary = summarize(config, compute, quantize, rows, runs, peaks)
-            failed |= not all(r["gate"]["passed"] for r in summary["rows"] if r["framework"] == "lorafit")
+            failed |= not all(r["gate"]["passed"] for r in summary["rows"] if "gate" in r)
             report["results"].append(summary)
             print_summary(summary)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -311,6 +319,7 @@ def summarize(config: str, compute: str, quantize: str | None, rows: list[Row], 
         results = runs[row.name]
         tokens_per_s = statistics.median(r["tokens_per_s"] for r in results)
         table.append({"row": row.name, "framework": row.framework, "reference": row.reference,
+                      "baseline": row.baseline,
                       "weights": results[0]["weights"], "autocast": results[0]["autocast"],
                       "tokens_per_s": tokens_per_s,
                       "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in results),
@@ -319,10 +328,13 @@ def summarize(config: str, compute: str, quantize: str | None, rows: list[Row], 
     competitors = [r for r in table if r["framework"] == "peft" and not r["reference"]]
     best = max(competitors, key=lambda r: r["tokens_per_s"])
     reference = next((r for r in table if r["reference"]), None)
+    baseline = next((r for r in table if r["baseline"]), None)
     for r in table:
         r.update(speed_ratio=r["tokens_per_s"] / best["tokens_per_s"],
                  memory_ratio=r["peak_memory_bytes"] / best["peak_memory_bytes"])
-        if r["framework"] == "lorafit":
+        if baseline is not None:  # step time relative to lorafit's plain LoRA step
+            r["step_vs_lorafit_lora"] = baseline["tokens_per_s"] / r["tokens_per_s"]
+        if r["framework"] == "lorafit" and not r["baseline"]:
             r["gate"] = (bf16_gate(r["losses"], reference["losses"], [p["losses"] for p in competitors])
                          if reference else fp32_gate(r["losses"], best["losses"]))
     return {"config": config, "compute": compute, "quantize": quantize, "matmul_peak_flops": peaks,
@@ -370,6 +382,9 @@ def print_summary(s: dict) -> None:
         print(f"{r['row']:24}{r['weights']:>10}{'yes' if r['autocast'] else 'no':>9}{r['tokens_per_s']:10.1f}"
               f"{r['peak_memory_bytes'] / 2**30:10.2f}{r['mfu']:7.1%}{r['speed_ratio']:7.2f}x{r['memory_ratio']:7.2f}x"
               f"{shown:>22}{r['first_step_s']:9.1f}")
+    for r in s["rows"]:
+        if "step_vs_lorafit_lora" in r:
+            print(f"  {r['row']:24} step time {r['step_vs_lorafit_lora']:.2f}x lorafit's LoRA step")
     for r in s["rows"]:
         print(f"  {r['row']:24} losses: " + " ".join(f"{x:.4f}" for x in r["losses"]))
 

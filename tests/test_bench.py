@@ -110,3 +110,16 @@ def test_bf16_gate_on_real_runs_passes_for_lorafit_and_catches_a_wrong_update(tm
     monkeypatch.setattr(bench, "ALPHA", 2 * bench.ALPHA)
     broken = bench_losses(tmp_path, tiny_base, rows["lorafit"])
     assert not bench.bf16_gate(broken, reference, peft)["passed"]
+
+
+def test_dora_config_reports_the_step_against_lorafit_lora_and_gates_against_peft_dora():
+    rows = bench.rows_for("dora", "float32", compile_rows=True, checkpointing=False)
+    assert [(r.name, r.variant) for r in rows] == [
+        ("lorafit dora", "dora"), ("lorafit lora (baseline)", "lora"), ("peft dora", "dora")]
+    runs = {"lorafit dora": [run("lorafit dora", 120, 1, [1.0, 0.9])],
+            "lorafit lora (baseline)": [run("lorafit lora (baseline)", 150, 1, [1.0, 0.5])],
+            "peft dora": [run("peft dora", 60, 2, [1.0, 0.905])]}
+    table = summarize(rows, runs)
+    assert table["lorafit dora"]["step_vs_lorafit_lora"] == pytest.approx(1.25)
+    assert table["lorafit dora"]["speed_ratio"] == 2.0 and table["lorafit dora"]["gate"]["passed"]
+    assert "gate" not in table["lorafit lora (baseline)"]  # other math: not gated against PEFT's DoRA

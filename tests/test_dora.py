@@ -195,3 +195,20 @@ output: {{dir: {tmp_path / out}}}
         run_training(recipe("resumed"))
     run_training(recipe("resumed"), resume="latest")
     assert losses("resumed") == losses("straight")
+
+
+def test_with_dropout_the_training_forward_matches_peft(tmp_path, input_ids):
+    """Dropout on, training mode: same seed, same masks (one dropout call per layer in both)."""
+    ours = tiny_model()
+    inject_lora(ours, LoRAConfig(r=4, alpha=8, variant="dora", dropout=0.3))
+    randomize_lora_B(ours)
+    perturb_magnitudes(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter", is_trainable=True).train()
+    ours.train()
+    torch.manual_seed(7)
+    expected = theirs(input_ids).logits
+    torch.manual_seed(7)
+    torch.testing.assert_close(ours(input_ids).logits, expected, atol=1e-5, rtol=0)
+    torch.manual_seed(8)
+    assert not torch.allclose(ours(input_ids).logits, expected, atol=1e-3)  # the masks matter
