@@ -46,6 +46,12 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
+def trained_positions(batch: dict[str, torch.Tensor]) -> int:
+    """How many positions of ``batch`` are trained: position t counts when token t+1's label is kept.
+    The denominator of the loss per trained token, in training, eval and the benchmarks alike."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """sum_i CE(hidden_i · weightᵀ, labels_i) without keeping any logits for backward.
 
@@ -114,5 +120,5 @@ def evaluate_loss(model, data: TokenizedData, micro_batch_size: int, pad_id: int
         batch = collate(data.examples[start : start + micro_batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         total += float(token_loss_sum(model, batch))
-        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        count += trained_positions(batch)
     return total / max(count, 1)

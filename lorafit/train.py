@@ -25,11 +25,11 @@ from rich.console import Console
 from lorafit import precision
 from lorafit.adapter_io import restore_adapter_weights, save_adapter, write_adapter_files
 from lorafit.config import Recipe
-from lorafit.data import IGNORE_INDEX, TokenizedData, collate, load_tokenized, pack, split_validation
+from lorafit.data import TokenizedData, collate, load_tokenized, pack, split_validation
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
 from lorafit.inject import InjectionReport, adapters_to_float32, inject_lora
-from lorafit.loss import evaluate_loss, token_loss_sum
+from lorafit.loss import evaluate_loss, token_loss_sum, trained_positions
 from lorafit.model import compile_layers, load_base_model, load_tokenizer
 from lorafit.report import targeting_table
 from lorafit.schedule import make_scheduler
@@ -260,7 +260,7 @@ def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], ac
     Each micro-batch's summed loss is divided by the trained tokens of the whole step, so grad_accum=2
     with B rows gives the same gradient as one batch of 2B rows (not a mean of per-batch means).
     """
-    target_tokens = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches), 1)
+    target_tokens = max(sum(trained_positions(b) for b in micro_batches), 1)
     step_loss = 0.0
     for batch in micro_batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}

@@ -106,7 +106,7 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
     from lorafit import precision
     from lorafit.config import LoRAConfig, ModelConfig
     from lorafit.inject import adapters_to_float32, inject_lora, lora_modules
-    from lorafit.loss import token_loss_sum
+    from lorafit.loss import token_loss_sum, trained_positions
     from lorafit.model import compile_layers, load_base_model, load_tokenizer
     from lorafit.quant import base_memory
 
@@ -130,7 +130,7 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
                    for part, param in module.adapter_params().items()}
 
         def loss_fn(batch):
-            return token_loss_sum(model, batch) / (batch["labels"][:, 1:] != -100).sum()
+            return token_loss_sum(model, batch) / trained_positions(batch)
     else:
         from peft import LoraConfig, get_peft_model
 

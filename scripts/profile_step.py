@@ -55,7 +55,7 @@ def main() -> None:
     import lorafit.loss
     from lorafit.config import LoRAConfig, ModelConfig
     from lorafit.inject import adapters_to_float32, inject_lora
-    from lorafit.loss import token_loss_sum
+    from lorafit.loss import token_loss_sum, trained_positions
     from lorafit.model import load_base_model, load_tokenizer
     from lorafit.train import make_optimizer
 
@@ -84,7 +84,7 @@ def main() -> None:
 
     def step(batch):
         with record_function("phase::forward+loss"), amp:
-            loss = token_loss_sum(model, batch) / (batch["labels"][:, 1:] != -100).sum()
+            loss = token_loss_sum(model, batch) / trained_positions(batch)
         with record_function("phase::backward"):
             loss.backward()
         with record_function("phase::optimizer"):

@@ -8,7 +8,7 @@ import torch
 from lorafit import precision
 from lorafit.config import LoRAConfig, ModelConfig, load_recipe
 from lorafit.inject import adapters_to_float32, inject_lora
-from lorafit.loss import token_loss_sum
+from lorafit.loss import token_loss_sum, trained_positions
 from lorafit.model import load_base_model
 from lorafit.train import train as run_training
 
@@ -39,7 +39,7 @@ def test_auto_is_bf16_without_autocast_on_a_bf16_gpu():
 
 
 def loss_and_grads(model, data):
-    loss = token_loss_sum(model, data) / (data["labels"][:, 1:] != -100).sum()
+    loss = token_loss_sum(model, data) / trained_positions(data)
     loss.backward()
     return loss.item(), {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
