@@ -1,15 +1,49 @@
-"""Rich tables shared by `plan` and `train`: what gets trained, and how a run went."""
+"""What the user sees of a run and writes down: tables for `plan`, `train` and `eval`, the progress bar,
+metrics.jsonl, the loss plot and the run summary."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
+from rich.console import Console
 from rich.table import Table
+
+from lorafit.data import TokenizedData
+from lorafit.inject import InjectionReport
 
 if TYPE_CHECKING:
     from lorafit.evaluate import EvalResult
-    from lorafit.inject import InjectionReport
-    from lorafit.train import RunSummary
+
+
+@dataclass
+class RunSummary:
+    adapter_dir: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    base_eval_loss: float | None
+    wall_seconds: float
+    tokens_per_second: float
+    peak_memory_bytes: int
+    report: InjectionReport
+    train_data: TokenizedData
+    eval_data: TokenizedData | None
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per event, flushed at once so a crash loses nothing logged."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def summary_table(summary: RunSummary) -> Table:
@@ -104,3 +138,56 @@ def memory_estimate(model, trainable: int, optimizer: str, quantize: str | None)
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.3f} GiB"
+
+
+def make_progress(console: Console, total: int, completed: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
+        TimeRemainingColumn(), console=console, transient=False,
+    )
+    progress.add_task("train", total=total, completed=completed, loss=float("nan"), lr=0.0, tps=0.0)
+    return progress
+
+
+def report_data(console: Console, train_data: TokenizedData, eval_data: TokenizedData | None) -> None:
+    for name, data in (("train", train_data), ("eval", eval_data)):
+        if data is None:
+            continue
+        counts = ((data.truncated, "truncated"), (data.skipped, "skipped"))
+        notes = [f"{count} {what}" for count, what in counts if count]
+        extra = f" ({', '.join(notes)} at data.max_seq_len)" if notes else ""
+        console.print(f"{name}: {len(data.examples)} examples, {data.trained_tokens:,} trained tokens from "
+                      f"{data.source}{extra}", highlight=False)
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [(r["step"], r["loss"]) for r in records if r["event"] == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r["event"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per trained token")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak GPU memory allocated by torch on CUDA; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -1,56 +1,36 @@
 """``lorafit train``: the training loop, top to bottom, under accelerate.
 
 One function (``train``) reads as the run happens: check the output folder, load data (so bad data fails
-before anything is written), load and wrap the model, then step. Checkpoints hold everything needed to
-continue bit-for-bit on CPU: adapter weights, optimizer, scheduler, RNG states and the data position.
+before anything is written), load and wrap the model, then step: each step is a phase comment and a call
+(step, log, evaluate, save). Output-folder rules and checkpoints live in ``checkpoint``; what the user
+sees and what is logged (progress, metrics.jsonl, plot, summary) in ``report``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import resource
 import shutil
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
 
 from lorafit import precision
-from lorafit.adapter_io import restore_adapter_weights, save_adapter, write_adapter_files
+from lorafit.adapter_io import save_adapter
+from lorafit.checkpoint import latest_checkpoint, prepare_output, restore_checkpoint, save_checkpoint, truncate_metrics
 from lorafit.config import Recipe
-from lorafit.data import TokenizedData, collate, load_tokenized, pack, split_validation
+from lorafit.data import collate, load_tokenized, pack, split_validation
 from lorafit.errors import LorafitError
-from lorafit.files import atomic_dir
-from lorafit.inject import InjectionReport, adapters_to_float32, inject_lora
+from lorafit.inject import adapters_to_float32, inject_lora
 from lorafit.loss import evaluate_loss, token_loss_sum, trained_positions
 from lorafit.model import compile_layers, load_base_model, load_tokenizer
-from lorafit.report import targeting_table
+from lorafit.report import MetricsLog, RunSummary, make_progress, peak_memory, plot_losses, report_data, targeting_table
 from lorafit.schedule import make_scheduler
-
-STATE_NAME = "training_state.pt"
-RESULT_NAMES = ("recipe.yaml", "metrics.jsonl", "loss.png", "adapter", "checkpoints")
-
-
-@dataclass
-class RunSummary:
-    adapter_dir: Path
-    steps: int
-    train_loss: float | None
-    eval_loss: float | None
-    base_eval_loss: float | None
-    wall_seconds: float
-    tokens_per_second: float
-    peak_memory_bytes: int
-    report: InjectionReport
-    train_data: TokenizedData
-    eval_data: TokenizedData | None
 
 
 class Batches:
@@ -148,75 +128,90 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
         console.print(f"step 0 (base model) eval loss {base_eval_loss:.4f}")
 
     stop = StopRequest()
-    train_loss = eval_loss = None
-    tokens_seen, train_seconds = 0, 0.0
-    step = start_step
+    done = StepResult.none()
+    eval_loss = None
     with stop, make_progress(console, total_steps, start_step) as progress:
-        task = progress.tasks[0].id
-        while step < total_steps:
+        for step in range(start_step + 1, total_steps + 1):
+            # Ctrl-C: the previous step is complete, so checkpoint it and stop.
             if stop.requested:
-                path = save_checkpoint(out, step, model, optimizer, scheduler, recipe, cfg.keep_last)
-                raise LorafitError(f"interrupted after step {step}; checkpoint saved to {path}. "
+                path = save_checkpoint(out, step - 1, model, optimizer, scheduler, recipe, cfg.keep_last)
+                raise LorafitError(f"interrupted after step {step - 1}; checkpoint saved to {path}. "
                                    f"Continue with: lorafit train RECIPE --resume")
-            step_start = time.perf_counter()
-            model.train()
-            micro = [batches.get(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-            step_loss = accumulate_gradients(model, [batch for batch, _ in micro], accelerator)
-            if not math.isfinite(step_loss):
-                last = latest_checkpoint(out)
-                kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-                raise LorafitError(f"loss became {step_loss} at step {step + 1}; stopping ({kept}). "
-                                   "Lower train.lr or raise warmup_steps (with fp16, prefer bf16).")
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            tokens = sum(n for _, n in micro)
-            tokens_seen += tokens
-            elapsed = time.perf_counter() - step_start
-            train_seconds += elapsed
-            train_loss = step_loss
+            # Step: forward/backward over grad_accum micro-batches, clip, optimizer and schedule.
+            result = train_step(model, batches, step, cfg, accelerator, optimizer, scheduler, params)
+            if not math.isfinite(result.loss):
+                raise non_finite_loss(result.loss, step, out)
+            done = done.plus(result)
+            # Log: metrics.jsonl every log_every steps and at the end; the progress bar every step.
             if step % cfg.log_every == 0 or step == total_steps:
-                metrics.write({"event": "train", "step": step, "loss": step_loss, "lr": lr,
-                               "grad_norm": None if grad_norm is None else float(grad_norm),
-                               "tokens_per_s": tokens / elapsed, "epoch": step / steps_per_epoch})
-            progress.update(task, completed=step, loss=step_loss, lr=lr, tps=tokens / elapsed)
+                metrics.write({"event": "train", "step": step, **result.record(), "epoch": step / steps_per_epoch})
+            progress.update(progress.tasks[0].id, completed=step, loss=result.loss, lr=result.lr,
+                            tps=result.tokens / result.seconds)
+            # Evaluate: every eval_every steps and at the end.
             if eval_data is not None and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 eval_loss = eval_now()
                 metrics.write({"event": "eval", "step": step, "eval_loss": eval_loss})
                 progress.console.print(f"step {step} eval loss {eval_loss:.4f}")
+            # Save: every save_every steps (the end writes the final adapter instead).
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save_checkpoint(out, step, model, optimizer, scheduler, recipe, cfg.keep_last)
 
     adapter_dir = save_adapter(accelerator.unwrap_model(model), out / "adapter", recipe.model.base)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     return RunSummary(
-        adapter_dir=adapter_dir, steps=step, train_loss=train_loss, eval_loss=eval_loss,
+        adapter_dir=adapter_dir, steps=total_steps, train_loss=done.loss, eval_loss=eval_loss,
         base_eval_loss=base_eval_loss, wall_seconds=time.perf_counter() - started,
-        tokens_per_second=tokens_seen / train_seconds if train_seconds else 0.0,
+        tokens_per_second=done.tokens / done.seconds if done.seconds else 0.0,
         peak_memory_bytes=peak_memory(accelerator.device), report=report,
         train_data=train_data, eval_data=eval_data,
     )
 
 
-def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path | None, list[Path]]:
-    """Refuse to mix two runs in one folder. Returns the checkpoint to resume from, if any, and the
-    previous run's files to delete (with output.overwrite) once the new run is ready to write."""
-    existing = [name for name in RESULT_NAMES if (out / name).exists()]
-    if resume is not None:
-        checkpoint = latest_checkpoint(out) if resume == "latest" else Path(resume)
-        if checkpoint is None:
-            raise LorafitError(f"--resume: no checkpoint in {out / 'checkpoints'}; train without --resume")
-        if not (checkpoint / STATE_NAME).is_file():
-            raise LorafitError(f"--resume-from {checkpoint}: not a lorafit checkpoint (no {STATE_NAME})")
-        return checkpoint, []
-    if existing and not overwrite:
-        raise LorafitError(f"output.dir {out} already holds a run ({', '.join(existing)}). Use --resume to "
-                           "continue it, --set output.overwrite=true to replace it, or another output.dir")
-    return None, [out / name for name in existing]
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step: its loss per trained token, lr, gradient norm, tokens and wall time. ``plus``
+    accumulates tokens and time over steps and keeps the latest loss."""
+
+    loss: float | None
+    lr: float
+    grad_norm: float | None
+    tokens: int
+    seconds: float
+
+    @staticmethod
+    def none() -> StepResult:
+        return StepResult(None, 0.0, None, 0, 0.0)
+
+    def plus(self, later: StepResult) -> StepResult:
+        return StepResult(later.loss, later.lr, later.grad_norm, self.tokens + later.tokens,
+                          self.seconds + later.seconds)
+
+    def record(self) -> dict[str, float | None]:
+        return {"loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
+                "tokens_per_s": self.tokens / self.seconds}
+
+
+def train_step(model, batches: Batches, step: int, cfg, accelerator, optimizer, scheduler, params) -> StepResult:
+    """Optimizer step number ``step`` (1-based): its micro-batches are positions (step-1)·grad_accum + k."""
+    started = time.perf_counter()
+    model.train()
+    micro = [batches.get((step - 1) * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+    loss = accumulate_gradients(model, [batch for batch, _ in micro], accelerator)
+    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+    lr = scheduler.get_last_lr()[0]
+    if math.isfinite(loss):  # a non-finite step is reported by the caller and never applied
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, lr, None if grad_norm is None else float(grad_norm), sum(n for _, n in micro),
+                      time.perf_counter() - started)
+
+
+def non_finite_loss(loss: float, step: int, out: Path) -> LorafitError:
+    last = latest_checkpoint(out)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    return LorafitError(f"loss became {loss} at step {step}; stopping ({kept}). "
+                        "Lower train.lr or raise warmup_steps (with fp16, prefer bf16).")
 
 
 def resolved_recipe(recipe: Recipe, plan: precision.PrecisionPlan) -> Recipe:
@@ -272,64 +267,6 @@ def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], ac
     return step_loss
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, recipe: Recipe, keep_last: int) -> Path:
-    """OUT/checkpoints/step-NNNNNN: a loadable adapter plus the state to continue; written atomically."""
-    final = out / "checkpoints" / f"step-{step:06d}"
-    with atomic_dir(final) as tmp:
-        write_adapter_files(model, tmp, recipe.model.base)
-        state = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        }
-        torch.save(state, tmp / STATE_NAME)
-    for old in sorted((out / "checkpoints").glob("step-*"))[:-keep_last]:
-        shutil.rmtree(old)
-    return final
-
-
-def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler) -> int:
-    restore_adapter_weights(model, checkpoint)
-    # weights_only: the state is tensors, numbers and lists, so nothing executable is unpickled.
-    state = torch.load(checkpoint / STATE_NAME, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(_as_tuple(state["rng"]["python"]))
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"])
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*"))
-    return found[-1] if found else None
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per event, flushed at once so a crash loses nothing logged."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop events logged after the checkpoint: they are about to be produced again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
 class StopRequest:
     """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary; a second one kills."""
 
@@ -351,54 +288,3 @@ class StopRequest:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def make_progress(console: Console, total: int, completed: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
-        TimeRemainingColumn(), console=console, transient=False,
-    )
-    progress.add_task("train", total=total, completed=completed, loss=float("nan"), lr=0.0, tps=0.0)
-    return progress
-
-
-def report_data(console: Console, train_data: TokenizedData, eval_data: TokenizedData | None) -> None:
-    for name, data in (("train", train_data), ("eval", eval_data)):
-        if data is None:
-            continue
-        counts = ((data.truncated, "truncated"), (data.skipped, "skipped"))
-        notes = [f"{count} {what}" for count, what in counts if count]
-        extra = f" ({', '.join(notes)} at data.max_seq_len)" if notes else ""
-        console.print(f"{name}: {len(data.examples)} examples, {data.trained_tokens:,} trained tokens from "
-                      f"{data.source}{extra}", highlight=False)
-
-
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    train = [(r["step"], r["loss"]) for r in records if r["event"] == "train"]
-    evals = [(r["step"], r["eval_loss"]) for r in records if r["event"] == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per trained token")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak GPU memory allocated by torch on CUDA; peak resident set size of this process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -115,9 +115,9 @@ def write_recipe(path: Path, text: str) -> Path:
 @contextlib.contextmanager
 def ctrl_c_after_step(monkeypatch, step: int):
     """Inside the block, a real SIGINT arrives while training step ``step`` is being logged."""
-    from lorafit import train as train_module
+    from lorafit.report import MetricsLog
 
-    original_write = train_module.MetricsLog.write
+    original_write = MetricsLog.write
 
     def write_and_interrupt(self, record):
         original_write(self, record)
@@ -125,5 +125,5 @@ def ctrl_c_after_step(monkeypatch, step: int):
             os.kill(os.getpid(), signal.SIGINT)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_module.MetricsLog, "write", write_and_interrupt)
+        patch.setattr(MetricsLog, "write", write_and_interrupt)
         yield

@@ -1,0 +1,88 @@
+"""The output folder of a run and its checkpoints: what may be written where, and how a run continues.
+
+OUT/checkpoints/step-NNNNNN holds a loadable adapter plus ``training_state.pt`` (optimizer, scheduler,
+RNG states, step): everything needed to continue bit-for-bit on CPU. The data position is the step itself
+(see train.Batches). Checkpoints are written atomically; only the last ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafit.adapter_io import restore_adapter_weights, write_adapter_files
+from lorafit.config import Recipe
+from lorafit.errors import LorafitError
+from lorafit.files import atomic_dir
+
+STATE_NAME = "training_state.pt"
+RESULT_NAMES = ("recipe.yaml", "metrics.jsonl", "loss.png", "adapter", "checkpoints")
+
+
+def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path | None, list[Path]]:
+    """Refuse to mix two runs in one folder. Returns the checkpoint to resume from, if any, and the
+    previous run's files to delete (with output.overwrite) once the new run is ready to write."""
+    existing = [name for name in RESULT_NAMES if (out / name).exists()]
+    if resume is not None:
+        checkpoint = latest_checkpoint(out) if resume == "latest" else Path(resume)
+        if checkpoint is None:
+            raise LorafitError(f"--resume: no checkpoint in {out / 'checkpoints'}; train without --resume")
+        if not (checkpoint / STATE_NAME).is_file():
+            raise LorafitError(f"--resume-from {checkpoint}: not a lorafit checkpoint (no {STATE_NAME})")
+        return checkpoint, []
+    if existing and not overwrite:
+        raise LorafitError(f"output.dir {out} already holds a run ({', '.join(existing)}). Use --resume to "
+                           "continue it, --set output.overwrite=true to replace it, or another output.dir")
+    return None, [out / name for name in existing]
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, recipe: Recipe, keep_last: int) -> Path:
+    """OUT/checkpoints/step-NNNNNN: a loadable adapter plus the state to continue; written atomically."""
+    final = out / "checkpoints" / f"step-{step:06d}"
+    with atomic_dir(final) as tmp:
+        write_adapter_files(model, tmp, recipe.model.base)
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+        torch.save(state, tmp / STATE_NAME)
+    for old in sorted((out / "checkpoints").glob("step-*"))[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler) -> int:
+    restore_adapter_weights(model, checkpoint)
+    # weights_only: the state is tensors, numbers and lists, so nothing executable is unpickled.
+    state = torch.load(checkpoint / STATE_NAME, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(_as_tuple(state["rng"]["python"]))
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop events logged after the checkpoint: they are about to be produced again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
