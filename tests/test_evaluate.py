@@ -31,9 +31,9 @@ def eval_file(tmp_path) -> Path:
     return path
 
 
-def make_adapter(folder: Path, seed: int) -> Path:
+def make_adapter(folder: Path, seed: int, variant: str = "lora") -> Path:
     model = tiny_model()
-    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    inject_lora(model, LoRAConfig(r=4, alpha=8, variant=variant))
     randomize_lora_B(model, seed=seed)
     return save_adapter(model, folder)
 
@@ -66,8 +66,9 @@ def test_eval_loss_equals_hand_computed_mean_token_loss(tiny_model_dir, eval_fil
     assert results[0].exact_match is None
 
 
-def test_two_adapters_in_one_run_equal_separate_runs(tmp_path, tiny_model_dir, eval_file):
-    first, second = make_adapter(tmp_path / "a1", seed=1), make_adapter(tmp_path / "a2", seed=2)
+@pytest.mark.parametrize("second_variant", ["lora", "dora"])
+def test_two_adapters_in_one_run_equal_separate_runs(tmp_path, tiny_model_dir, eval_file, second_variant):
+    first, second = make_adapter(tmp_path / "a1", seed=1), make_adapter(tmp_path / "a2", 2, second_variant)
     cfg = ModelConfig(base=str(tiny_model_dir), dtype="float32")
     def plan(adapters):
         return EvalPlan(cfg, adapters, str(eval_file), "prompt_completion", ["loss", "exact_match"])
