@@ -1,5 +1,9 @@
 """What the user sees of a run and writes down: tables for `plan`, `train` and `eval`, the progress bar,
-metrics.jsonl, the loss plot and the run summary."""
+metrics.jsonl, the loss plot and the run summary.
+
+The CLI imports this module for every command, `--help` included, so torch and the rest of lorafit are
+only imported for type checking or inside the functions that need them.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from rich.console import Console
 from rich.table import Table
 
-from lorafit.data import TokenizedData
-from lorafit.inject import InjectionReport
-
 if TYPE_CHECKING:
+    import torch
+    from rich.console import Console
+
+    from lorafit.data import TokenizedData
     from lorafit.evaluate import EvalResult
+    from lorafit.inject import InjectionReport
 
 
 @dataclass
@@ -189,5 +193,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 def peak_memory(device: torch.device) -> int:
     """Peak GPU memory allocated by torch on CUDA; peak resident set size of this process on CPU."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -118,3 +118,10 @@ print("IMPORTED", sorted(m for m in ("bitsandbytes", "peft") if m in sys.modules
     assert result.returncode == 0, result.stderr
     assert "IMPORTED []" in result.stdout
     assert "kernels-community" not in result.stderr
+
+
+def test_help_does_not_import_torch():
+    """`lorafit --help` and argument errors stay fast: torch loads only when a command needs it."""
+    script = "import sys, lorafit.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
