@@ -92,21 +92,13 @@ class DoRALinear(LoRALinear):
     @torch.no_grad()
     def merge(self) -> None:
         """W ← m·(W + s·BA)/‖W + s·BA‖_row. Idempotent; the row factor is kept so unmerge can undo it."""
-        if self.merged:
-            return
-        weight = self._float_base_weight()
-        updated = weight.float() + self.delta_weight()
-        self._merge_factor = self.lora_magnitude_vector.float() / updated.norm(dim=1)
-        weight.copy_(self.merged_weight_from(weight))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
         if not self.merged:
-            return
-        weight = self._float_base_weight()
-        weight.copy_(weight.float() / self._merge_factor[:, None] - self.delta_weight())
-        self.merged = False
+            updated = self._float_base_weight().float() + self.delta_weight()
+            self._merge_factor = self.lora_magnitude_vector.float() / updated.norm(dim=1)  # [out]
+        super().merge()
+
+    def unmerged_weight_from(self, merged: torch.Tensor) -> torch.Tensor:
+        return (merged.float() / self._merge_factor[:, None] - self.delta_weight()).to(merged.dtype)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {**super().adapter_params(), "lora_magnitude_vector": self.lora_magnitude_vector}

@@ -145,8 +145,12 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self._float_base_weight()
-        weight.copy_(merged_weight(weight, -self.delta_weight()))
+        weight.copy_(self.unmerged_weight_from(weight))
         self.merged = False
+
+    def unmerged_weight_from(self, merged: torch.Tensor) -> torch.Tensor:
+        """The base weight back from ``merged_weight_from``'s result."""
+        return merged_weight(merged, -self.delta_weight())
 
     def _float_base_weight(self) -> torch.Tensor:
         weight = self.base_layer.weight
