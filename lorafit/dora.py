@@ -70,7 +70,7 @@ class DoRALinear(LoRALinear):
             base_out = self._base_without_bias(lora_in)
         lora_out = F.linear(F.linear(lora_in.to(dtype), self.lora_A.weight.to(dtype)), self.lora_B.weight.to(dtype))
         gain = (self.lora_magnitude_vector / self.row_norm().detach()).to(dtype)  # [out]
-        return result + (gain - 1) * base_out + gain * (lora_out * self.scaling)
+        return _DoRAOutput.apply(result, base_out, lora_out, gain, self.scaling)
 
     @torch.no_grad()
     def row_norm(self) -> torch.Tensor:
@@ -105,6 +105,29 @@ class DoRALinear(LoRALinear):
 
     def peft_fields(self) -> dict[str, Any]:
         return {"use_dora": True}
+
+
+class _DoRAOutput(torch.autograd.Function):
+    """y = result + (g − 1)·base + g·s·lora, keeping one (..., out) tensor for backward instead of two.
+
+    Autograd on the plain expression saves ``base`` (for ∂y/∂g) and ``s·lora`` (for ∂y/∂g) separately;
+    both only ever meet g as ``base + s·lora``, so that sum is all backward needs:
+        ∂y/∂result = G,  ∂y/∂base = (g − 1)·G,  ∂y/∂lora = g·s·G,  ∂y/∂g = Σ_tokens G ⊙ (base + s·lora)
+    """
+
+    @staticmethod
+    def forward(ctx, result, base_out, lora_out, gain, scaling):
+        combined = base_out + scaling * lora_out  # (..., out)
+        ctx.save_for_backward(combined, gain)
+        ctx.scaling = scaling
+        return result - base_out + gain * combined
+
+    @staticmethod
+    def backward(ctx, grad):
+        combined, gain = ctx.saved_tensors
+        tokens = tuple(range(grad.dim() - 1))
+        grad_gain = (grad.float() * combined.float()).sum(dim=tokens).to(gain.dtype)
+        return grad, grad * (gain - 1), grad * (gain * ctx.scaling), grad_gain, None
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
