@@ -3,7 +3,8 @@
 Keys are ``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
 which is what ``peft.PeftModel.from_pretrained`` reads and what PEFT's ``save_pretrained`` writes.
 Reading trusts the tensors (module paths and shapes) and uses the config for scaling and the variant,
-so any plain-LoRA or DoRA adapter PEFT writes for linear layers loads here. Safetensors only: no pickle is ever read.
+so any plain-LoRA or DoRA adapter PEFT writes for linear layers loads here. Safetensors only: no pickle
+is ever read.
 """
 
 from __future__ import annotations
@@ -188,8 +189,7 @@ def _group_tensors(
     tensors: dict[str, torch.Tensor], config: dict[str, Any], adapter_dir: Path
 ) -> dict[str, ModuleAdapter]:
     """``base_model.model.<path>.lora_A.weight`` keys -> per-module A, B, r and alpha."""
-    dora = bool(config.get("use_dora", False))
-    known = (*_PARTS, MAGNITUDE) if dora else _PARTS
+    known = (*_PARTS, MAGNITUDE) if config.get("use_dora", False) else _PARTS  # every module has exactly these
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         stripped = key.removeprefix(KEY_PREFIX)
@@ -203,10 +203,9 @@ def _group_tensors(
         raise LorafitError(f"{adapter_dir / WEIGHTS_NAME}: holds no LoRA tensors")
     grouped = {}
     for name, pair in parts.items():
-        needed = (*_PARTS, MAGNITUDE) if dora else _PARTS
-        if set(pair) != set(needed):
+        if set(pair) != set(known):
             raise LorafitError(
-                f"{adapter_dir / WEIGHTS_NAME}: module {name} has {sorted(pair)} but needs {list(needed)}"
+                f"{adapter_dir / WEIGHTS_NAME}: module {name} has {sorted(pair)} but needs {list(known)}"
             )
         rank = int(pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8)))
         if pair["lora_A.weight"].ndim != 2 or pair["lora_B.weight"].shape[1:] != (rank,) \

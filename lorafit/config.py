@@ -43,31 +43,25 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
 
 
-class RegexTarget(_Section):
-    regex: str
+def _compiling_regex(label: str) -> AfterValidator:
+    """A pydantic check that the string is a valid regular expression; ``label`` starts the message."""
 
-    @field_validator("regex")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
+    def check(value: str) -> str:
         try:
             re.compile(value)
         except re.error as err:
-            raise ValueError(f"not a valid regular expression ({err})") from None
+            raise ValueError(f"{label}{value!r} is not a valid regular expression ({err})") from None
         return value
+
+    return AfterValidator(check)
+
+
+class RegexTarget(_Section):
+    regex: Annotated[str, _compiling_regex("")]
 
 
 TargetModules = Literal["all-linear"] | list[str] | RegexTarget
-
-
-def _compiles(key: str) -> str:
-    try:
-        re.compile(key)
-    except re.error as err:
-        raise ValueError(f"key {key!r} is not a valid regular expression ({err})") from None
-    return key
-
-
-PatternKey = Annotated[str, AfterValidator(_compiles)]
+PatternKey = Annotated[str, _compiling_regex("key ")]  # a rank_pattern / alpha_pattern key
 
 
 class LoRAConfig(_Section):

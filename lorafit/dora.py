@@ -65,9 +65,9 @@ class DoRALinear(LoRALinear):
         dtype = result.dtype
         lora_in = self.lora_dropout(x)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:  # W·x: the base output less its bias
-            base_out = result if self.base_layer.bias is None else result - self.base_layer.bias.to(dtype)
+            base_out = self._without_bias(result)
         else:  # dropout active: as PEFT, the magnitude term applies W to the dropped input
-            base_out = self._base_without_bias(lora_in)
+            base_out = self._without_bias(self.base_layer(lora_in))
         lora_out = F.linear(F.linear(lora_in.to(dtype), self.lora_A.weight.to(dtype)), self.lora_B.weight.to(dtype))
         gain = (self.lora_magnitude_vector / self.row_norm().detach()).to(dtype)  # [out]
         return _DoRAOutput.apply(result, base_out, lora_out, gain, self.scaling)
@@ -77,11 +77,11 @@ class DoRALinear(LoRALinear):
         """‖W + s·B·A‖_row [out], fp32, from the current (detached) A and B."""
         weight = self.base_layer.weight
         A = self.lora_A.weight.to(weight.dtype if weight.dtype.is_floating_point else torch.float32)
-        weight_a = self._base_without_bias(A).float().T  # W·Aᵀ: [out, r]
+        weight_a = self._without_bias(self.base_layer(A)).float().T  # W·Aᵀ: [out, r]
         return dora_row_norm(self.weight_sq_norm, weight_a, self.lora_A.weight, self.lora_B.weight, self.scaling)
 
-    def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+    def _without_bias(self, out: torch.Tensor) -> torch.Tensor:
+        """A base-layer output minus its bias: W·x."""
         bias = getattr(self.base_layer, "bias", None)
         return out if bias is None else out - bias.to(out.dtype)
 

@@ -3,8 +3,8 @@
 Works on the checkpoint files, not on a loaded model: each input shard is read, its targeted weights
 get the adapter folded in (``W + scaling · B @ A``, or DoRA's rescaled form; in fp32, then cast), and
 tensors stream into output shards. Peak memory is about one input shard plus one output shard, not the
-model twice. Everything is written into a temp
-folder that replaces OUT only after the verification passed, so a failure leaves no half-written OUT.
+model twice. Everything is written into a temp folder that replaces OUT only after the verification
+passed, so a failure leaves no half-written OUT.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def targeting_table(report: InjectionReport) -> Table:
     for column in ("module", "count", "r", "alpha", "trainable params"):
         table.add_column(column, justify="left" if column == "module" else "right")
     for kind, count in report.kinds.items():
-        settings = sorted(report.kind_settings.get(kind, ()))
+        settings = report.kind_settings.get(kind, set())
         ranks = ", ".join(str(r) for r in sorted({r for r, _ in settings}))
         alphas = ", ".join(f"{a:g}" for a in sorted({a for _, a in settings}))
         table.add_row(kind, str(count), ranks, alphas, f"{report.kind_params[kind]:,}")

@@ -85,37 +85,27 @@ def formula_and_grads(layer: LoRALinear, x: torch.Tensor, upstream: torch.Tensor
     return out.detach(), [x.grad, A.grad, B.grad]
 
 
-def test_bf16_base_with_fp32_lora_weights_computes_in_bf16_without_autocast():
-    """precision bf16 over a bf16 base: A and B stay fp32 (the optimizer's masters), the update is computed
-    in bf16 by the fused GEMM, and gradients come back to A and B in fp32."""
-    base, layer = make_layer()
-    base.to(torch.bfloat16).requires_grad_(False)
-    x = torch.randn(3, 5, 16, dtype=torch.bfloat16, requires_grad=True)
-    out = layer(x)
-    assert out.dtype == torch.bfloat16 and took_fused_path(out)
-    upstream = torch.randn(3, 5, 24)
-    out.backward(upstream.bfloat16())
-    expected, grads = formula_and_grads(layer, x, upstream)
-    torch.testing.assert_close(out.float(), expected, **BF16_TOL)
-    assert layer.lora_A.weight.grad.dtype == layer.lora_B.weight.grad.dtype == torch.float32
-    for got, want in zip((x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad), grads):
-        torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=0)
-
-
-def test_fp32_base_under_autocast_takes_the_fused_path_in_bf16():
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16 base, no autocast", "fp32 base, bf16 autocast"])
+def test_bf16_compute_takes_the_fused_path_with_fp32_lora_weights(autocast):
+    """precision bf16 over a bf16 base (no autocast) or over an fp32 base (autocast): A and B stay fp32 (the
+    optimizer's masters), the update is computed in bf16 by the fused GEMM, and gradients come back to A
+    and B in fp32."""
     base, layer = make_layer()
     base.requires_grad_(False)
-    x = torch.randn(3, 5, 16, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    if not autocast:
+        base.to(torch.bfloat16)
+    x = torch.randn(3, 5, 16, dtype=torch.float32 if autocast else torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = layer(x)
     assert out.dtype == torch.bfloat16 and took_fused_path(out)
     upstream = torch.randn(3, 5, 24)
     out.backward(upstream.bfloat16())
     expected, grads = formula_and_grads(layer, x, upstream)
     torch.testing.assert_close(out.float(), expected, **BF16_TOL)
-    assert x.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
+    assert x.grad.dtype == x.dtype
+    assert layer.lora_A.weight.grad.dtype == layer.lora_B.weight.grad.dtype == torch.float32
     for got, want in zip((x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad), grads):
-        torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=0)
+        torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=0)
 
 
 def test_rslora_scaling_is_alpha_over_sqrt_r():

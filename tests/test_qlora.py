@@ -229,7 +229,7 @@ def test_layers_the_packed_kernel_cannot_take_keep_the_generic_kernel(narrow_mod
     with torch.no_grad():
         logits = model(input_ids).logits
     assert torch.isfinite(logits).all()
-    fits = {name: flag for name, flag in packed(model).items()}
+    fits = packed(model)
     assert fits["model.layers.0.mlp.down_proj"]  # [32, 64]: packable
     assert not fits["model.layers.0.self_attn.q_proj"]  # [32, 32]: in_features below one block
     assert {name for name, _ in layout.unpackable} == {n for n, ok in fits.items() if not ok}
