@@ -12,7 +12,7 @@ from torch import nn
 from lorafit.config import LoRAConfig, RegexTarget, TargetModules
 from lorafit.dora import DoRALinear
 from lorafit.errors import LorafitError
-from lorafit.lora import LoRALinear
+from lorafit.lora import LoRALinear, TrainingHooks
 
 # lora.variant -> the layer class that implements it; every variant is a LoRALinear.
 VARIANTS: dict[str, type[LoRALinear]] = {"lora": LoRALinear, "dora": DoRALinear}
@@ -117,6 +117,13 @@ def remove_lora(model: nn.Module) -> None:
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Module path (as the base model names it) -> its LoRA wrapper."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def training_hooks(model: nn.Module, total_steps: int) -> TrainingHooks:
+    """The loop hooks of the model's variant (one variant per model), over all its wrapped layers."""
+    modules = lora_modules(model)
+    variant = type(next(iter(modules.values()))) if modules else LoRALinear
+    return variant.training_hooks(modules, total_steps)
 
 
 def set_trainable(model: nn.Module) -> None:

@@ -39,6 +39,25 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype 
     return merged.to(dtype or weight.dtype)
 
 
+class TrainingHooks:
+    """What a variant adds to the training loop; ``train.py`` calls these without knowing the variant.
+
+    ``regularization()`` is added to each optimizer step's loss once (AdaLoRA's orthogonality penalty);
+    ``on_step_end(step)`` runs after the optimizer step, while gradients still exist (AdaLoRA's budget
+    schedule). The default — plain LoRA, DoRA — adds nothing and costs nothing.
+    """
+
+    def __init__(self, modules: dict[str, LoRALinear], total_steps: int) -> None:
+        self.modules = modules
+        self.total_steps = total_steps
+
+    def regularization(self) -> torch.Tensor | None:
+        return None
+
+    def on_step_end(self, step: int) -> None:
+        return None
+
+
 class LoRALinear(nn.Module):
     """A frozen linear ``base_layer`` plus a trainable low-rank update.
 
@@ -46,7 +65,11 @@ class LoRALinear(nn.Module):
         x: (..., in)  ->  lora_A: (..., r)  ->  lora_B: (..., out)
         lora_A.weight: [r, in]     lora_B.weight: [out, r]     delta_weight(): [out, in]
     B starts at zero, so a freshly wrapped model computes exactly what the base model computes.
+    A variant subclasses this, overrides the update, ``adapter_params``, ``merged_weight_from`` /
+    ``unmerged_weight_from`` and ``peft_fields``, and names its loop hooks in ``training_hooks``.
     """
+
+    training_hooks: type[TrainingHooks] = TrainingHooks
 
     def __init__(
         self,

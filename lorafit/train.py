@@ -26,7 +26,8 @@ from lorafit.checkpoint import latest_checkpoint, prepare_output, restore_checkp
 from lorafit.config import Recipe
 from lorafit.data import collate, load_tokenized, pack, split_validation
 from lorafit.errors import LorafitError
-from lorafit.inject import adapters_to_float32, inject_lora
+from lorafit.inject import adapters_to_float32, inject_lora, training_hooks
+from lorafit.lora import TrainingHooks
 from lorafit.loss import evaluate_loss, token_loss_sum, trained_positions
 from lorafit.model import compile_layers, load_base_model, load_tokenizer
 from lorafit.report import MetricsLog, RunSummary, make_progress, peak_memory, plot_losses, report_data, targeting_table
@@ -101,6 +102,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(cfg.scheduler, optimizer, cfg.warmup_steps, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    hooks = training_hooks(accelerator.unwrap_model(model), total_steps)
 
     start_step = 0
     if checkpoint is not None:
@@ -138,7 +140,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
                 raise LorafitError(f"interrupted after step {step - 1}; checkpoint saved to {path}. "
                                    f"Continue with: lorafit train RECIPE --resume")
             # Step: forward/backward over grad_accum micro-batches, clip, optimizer and schedule.
-            result = train_step(model, batches, step, cfg, accelerator, optimizer, scheduler, params)
+            result = train_step(model, batches, step, cfg, accelerator, optimizer, scheduler, params, hooks)
             if not math.isfinite(result.loss):
                 raise non_finite_loss(result.loss, step, out)
             done = done.plus(result)
@@ -191,17 +193,19 @@ class StepResult:
                 "tokens_per_s": self.tokens / self.seconds}
 
 
-def train_step(model, batches: Batches, step: int, cfg, accelerator, optimizer, scheduler, params) -> StepResult:
+def train_step(model, batches: Batches, step: int, cfg, accelerator, optimizer, scheduler, params,
+               hooks: TrainingHooks) -> StepResult:
     """Optimizer step number ``step`` (1-based): its micro-batches are positions (step-1)·grad_accum + k."""
     started = time.perf_counter()
     model.train()
     micro = [batches.get((step - 1) * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-    loss = accumulate_gradients(model, [batch for batch, _ in micro], accelerator)
+    loss = accumulate_gradients(model, [batch for batch, _ in micro], accelerator, hooks)
     grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
     lr = scheduler.get_last_lr()[0]
     if math.isfinite(loss):  # a non-finite step is reported by the caller and never applied
         optimizer.step()
         scheduler.step()
+        hooks.on_step_end(step)  # the variant's schedule (AdaLoRA), with this step's gradients still there
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, lr, None if grad_norm is None else float(grad_norm), sum(n for _, n in micro),
                       time.perf_counter() - started)
@@ -249,11 +253,14 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
     return optimizers[name](params, lr=lr, weight_decay=weight_decay)
 
 
-def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], accelerator) -> float:
+def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], accelerator,
+                         hooks: TrainingHooks | None = None) -> float:
     """Backward over one optimizer step's micro-batches; returns the step's loss per trained token.
 
     Each micro-batch's summed loss is divided by the trained tokens of the whole step, so grad_accum=2
-    with B rows gives the same gradient as one batch of 2B rows (not a mean of per-batch means).
+    with B rows gives the same gradient as one batch of 2B rows (not a mean of per-batch means). A
+    variant's regularization term joins each micro-batch's loss divided by their number: once per step.
+    The returned loss is the language-model loss alone, comparable with eval loss.
     """
     target_tokens = max(sum(trained_positions(b) for b in micro_batches), 1)
     step_loss = 0.0
@@ -262,8 +269,9 @@ def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], ac
         # accelerate puts autocast around model.forward only; the fused loss runs the decoder directly.
         with accelerator.autocast():
             loss = token_loss_sum(model, batch) / target_tokens
-        accelerator.backward(loss)
         step_loss += loss.item()
+        penalty = hooks.regularization() if hooks is not None else None
+        accelerator.backward(loss if penalty is None else loss + penalty / len(micro_batches))
     return step_loss
 
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from lorafit.config import DataConfig, LoRAConfig, load_recipe
 from lorafit.data import collate, tokenize_rows
 from lorafit.errors import LorafitError
-from lorafit.inject import inject_lora
+from lorafit.inject import inject_lora, lora_modules
+from lorafit.lora import LoRALinear, TrainingHooks
 from lorafit.train import accumulate_gradients, make_accelerator
 from lorafit.train import train as run_training
 
@@ -212,3 +213,37 @@ def test_overwrite_keeps_previous_run_when_new_data_is_bad(run_dir):
     with pytest.raises(LorafitError, match="field 'completion' is missing"):
         run_training(recipe_at(run_dir, "output.overwrite=true"))
     assert (run_dir / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+class _RecordingHooks(TrainingHooks):
+    """A stand-in variant's hooks: an L2 penalty on B, and a log of each step end with its gradients."""
+
+    calls: list[tuple[int, bool]] = []
+
+    def regularization(self) -> torch.Tensor:
+        return 0.5 * sum(m.lora_B.weight.square().sum() for m in self.modules.values())
+
+    def on_step_end(self, step: int) -> None:
+        grads = all(m.lora_B.weight.grad is not None for m in self.modules.values())
+        _RecordingHooks.calls.append((step, grads))
+
+
+def test_variant_regularization_joins_the_step_loss_once():
+    """The gradient with a variant's penalty is the LM gradient plus the penalty's own gradient (0.5·‖B‖²
+    gives B), whatever the number of micro-batches: the penalty counts once per optimizer step."""
+    model = wrapped_model()
+    plain = lora_grads(model, micro_batches([4, 4]))
+    hooks = _RecordingHooks(lora_modules(model), total_steps=1)
+    model.zero_grad(set_to_none=True)
+    accumulate_gradients(model, micro_batches([4, 4]), make_accelerator("no"), hooks)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            expected = plain[name] + (param.detach() if "lora_B" in name else 0)
+            torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_train_calls_the_variants_step_hook_after_each_step(run_dir, monkeypatch):
+    _RecordingHooks.calls = []
+    monkeypatch.setattr(LoRALinear, "training_hooks", _RecordingHooks)
+    run_training(recipe_at(run_dir, "train.max_steps=3"))
+    assert _RecordingHooks.calls == [(1, True), (2, True), (3, True)]
