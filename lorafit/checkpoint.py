@@ -16,12 +16,14 @@ from typing import Any
 import torch
 
 from lorafit.adapter_io import restore_adapter_weights, write_adapter_files
-from lorafit.config import Recipe
+from lorafit.config import RankAllocationConfig, Recipe
 from lorafit.errors import LorafitError
+from lorafit.eva import RankAllocation
 from lorafit.files import atomic_dir
 
 STATE_NAME = "training_state.pt"
-RESULT_NAMES = ("recipe.yaml", "metrics.jsonl", "loss.png", "adapter", "checkpoints")
+ALLOCATION_NAME = "rank_allocation.json"
+RESULT_NAMES = ("recipe.yaml", ALLOCATION_NAME, "metrics.jsonl", "loss.png", "adapter", "checkpoints")
 
 
 def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path | None, list[Path]]:
@@ -74,6 +76,22 @@ def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler) -> int:
 
 def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_allocation(out: Path, allocation: RankAllocation, settings: RankAllocationConfig) -> None:
+    """OUT/rank_allocation.json: the per-module ranks a rank allocation chose, with its settings."""
+    record = allocation.to_json(settings.model_dump())
+    (out / ALLOCATION_NAME).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def load_allocation(out: Path) -> RankAllocation:
+    """The ranks of the run in ``out``, so that a resumed run builds the layers its checkpoint holds."""
+    path = out / ALLOCATION_NAME
+    try:
+        return RankAllocation.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LorafitError(f"--resume: {path} is missing or unreadable ({err}); it holds the per-layer ranks "
+                           "this run was built with. Train again without --resume") from None
 
 
 def latest_checkpoint(out: Path) -> Path | None:

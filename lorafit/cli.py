@@ -17,7 +17,7 @@ from rich.markup import escape
 from lorafit import __version__
 from lorafit.config import DEFAULT_BASE
 from lorafit.errors import LorafitError
-from lorafit.report import eval_table, memory_estimate, summary_table, targeting_table
+from lorafit.report import allocation_table, eval_table, memory_estimate, summary_table, targeting_table
 
 app = typer.Typer(
     help="Fine-tune Hugging Face causal language models with LoRA from one YAML recipe.",
@@ -89,9 +89,13 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
     model_cfg = loaded.model.model_copy(update={"dtype": chosen.model_dtype})
     start = time.perf_counter()
     with console.status(f"loading {loaded.model.base} ..."):
-        model = load_base_model(model_cfg)
+        # A rank allocation runs forward passes: in the layout training uses, so it gives train's ranks.
+        model = load_base_model(model_cfg, training=loaded.lora.rank_allocation is not None)
     load_seconds = time.perf_counter() - start
-    report = inject_lora(model, loaded.lora)
+    allocation = None
+    if loaded.lora.rank_allocation is not None:
+        allocation = _planned_allocation(model, loaded)
+    report = inject_lora(model, loaded.lora, allocation)
     memory = memory_estimate(model, report.trainable, loaded.train.optimizer, loaded.model.quantize)
     lora = loaded.lora
     scaling = lora_scaling(lora.r, lora.alpha, lora.use_rslora)
@@ -109,8 +113,25 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if loaded.model.quantize == "4bit":
         console.print(cpu_4bit_layout(model).describe(), highlight=False)
+    if allocation is not None:
+        console.print(allocation_table(allocation, loaded.lora.rank_allocation))
     console.print(targeting_table(report))
     console.print(memory)
+
+
+def _planned_allocation(model, recipe):
+    """The ranks ``lora.rank_allocation`` would give, computed as train computes them (same batches)."""
+    import torch
+
+    from lorafit.eva import allocate_ranks
+    from lorafit.model import load_tokenizer
+    from lorafit.train import training_data
+
+    _, _, batches = training_data(recipe, load_tokenizer(recipe.model))
+    if torch.cuda.is_available():
+        model.to("cuda")  # where train runs it
+    with console.status("allocating ranks (EVA: forward passes over training batches) ..."):
+        return allocate_ranks(model, recipe.lora, lambda position: batches.get(position)[0])
 
 
 @app.command()

@@ -64,6 +64,15 @@ TargetModules = Literal["all-linear"] | list[str] | RegexTarget
 PatternKey = Annotated[str, _compiling_regex("key ")]  # a rank_pattern / alpha_pattern key
 
 
+class RankAllocationConfig(_Section):
+    """Data-driven per-layer ranks before training (lorafit/eva.py). The budget is Σ r over the targets."""
+
+    method: Literal["eva"] = "eva"
+    rho: float = Field(2.0, ge=1.0)  # a layer takes at most round(rho · r); 1.0 = uniform ranks, EVA init only
+    tau: float = Field(0.99, gt=0, le=1)  # a component has converged when cos(new, previous) >= tau
+    max_batches: int = Field(64, ge=1)  # forward passes at most (PEFT has no cap)
+
+
 class LoRAConfig(_Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
@@ -77,6 +86,7 @@ class LoRAConfig(_Section):
     # (re.match(rf"(.*\.)?({key})$", name)); the first key that matches gives that module its r / alpha.
     rank_pattern: dict[PatternKey, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     alpha_pattern: dict[PatternKey, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    rank_allocation: RankAllocationConfig | None = None
 
     @field_validator("target_modules", mode="before")
     @classmethod

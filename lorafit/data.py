@@ -316,3 +316,25 @@ def _bos_to_prepend(tokenizer) -> int | None:
         return None
     ids = tokenizer("a")["input_ids"]
     return bos if ids and ids[0] == bos else None
+
+
+class Batches:
+    """An endless, seeded stream of micro-batches, addressable by position for exact resume.
+
+    Micro-batch ``k`` is batch ``k % per_epoch`` of epoch ``k // per_epoch``; each epoch's order is a
+    permutation seeded by (seed, epoch), so no sampler state needs saving — only ``k``.
+    """
+
+    def __init__(self, rows: list[dict[str, list[int]]], micro_batch_size: int, seed: int, pad_id: int):
+        self.rows, self.size, self.seed, self.pad_id = rows, micro_batch_size, seed, pad_id
+        self.per_epoch = math.ceil(len(rows) / micro_batch_size)
+        self._order: tuple[int, list[int]] | None = None
+
+    def get(self, position: int) -> tuple[dict[str, torch.Tensor], int]:
+        """The micro-batch at ``position`` and its number of real (non-padding) tokens."""
+        epoch, index = divmod(position, self.per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.rows), generator=generator).tolist())
+        chosen = [self.rows[i] for i in self._order[1][index * self.size : (index + 1) * self.size]]
+        return collate(chosen, self.pad_id), sum(len(row["input_ids"]) for row in chosen)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from lorafit.config import LoRAConfig, RegexTarget, TargetModules
 from lorafit.dora import DoRALinear
 from lorafit.errors import LorafitError
 from lorafit.lora import LoRALinear, TrainingHooks
+
+if TYPE_CHECKING:
+    from lorafit.eva import RankAllocation
 
 # lora.variant -> the layer class that implements it; every variant is a LoRALinear.
 VARIANTS: dict[str, type[LoRALinear]] = {"lora": LoRALinear, "dora": DoRALinear}
@@ -63,17 +67,32 @@ def find_targets(model: nn.Module, target_modules: TargetModules, layers: list[i
     return matched
 
 
-def inject_lora(model: nn.Module, lora: LoRAConfig) -> InjectionReport:
-    """Wrap the recipe's targets in place and leave only the LoRA parameters trainable."""
+def inject_lora(model: nn.Module, lora: LoRAConfig, allocation: RankAllocation | None = None) -> InjectionReport:
+    """Wrap the recipe's targets in place and leave only the LoRA parameters trainable.
+
+    With a rank ``allocation`` (lorafit/eva.py) each target takes its allocated rank — none at rank 0 —
+    with alpha following the rank, and A starts from the allocation's components where it has them.
+    """
     targets = find_targets(model, lora.target_modules, lora.layers)
     check_patterns_used(lora, targets)
-    for name in targets:
-        r = pattern_value(lora.rank_pattern, name, lora.r)
-        alpha = pattern_value(lora.alpha_pattern, name, lora.alpha)
-        wrap_module(model, name, lora.variant, r=r, alpha=alpha, dropout=lora.dropout, init=lora.init,
-                    use_rslora=lora.use_rslora)
+    for name, (r, alpha) in target_settings(lora, targets).items():
+        if allocation is not None:
+            r, alpha = allocation.settings(name, r, alpha, lora.use_rslora)
+            if r == 0:
+                continue
+        module = wrap_module(model, name, lora.variant, r=r, alpha=alpha, dropout=lora.dropout, init=lora.init,
+                             use_rslora=lora.use_rslora)
+        if allocation is not None and name in allocation.components:
+            with torch.no_grad():
+                module.lora_A.weight.copy_(allocation.components[name])
     set_trainable(model)
     return injection_report(model)
+
+
+def target_settings(lora: LoRAConfig, targets: list[str]) -> dict[str, tuple[int, float]]:
+    """Module path -> (r, alpha) as the recipe gives them: lora.r / lora.alpha unless a pattern says otherwise."""
+    return {name: (pattern_value(lora.rank_pattern, name, lora.r), pattern_value(lora.alpha_pattern, name, lora.alpha))
+            for name in targets}
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -100,7 +119,9 @@ def _pattern_matches(key: str, module_name: str) -> bool:
 def wrap_module(model: nn.Module, name: str, variant: str = "lora", **lora_kwargs) -> LoRALinear:
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    wrapped = VARIANTS[variant](getattr(parent, child_name), **lora_kwargs)
+    base = getattr(parent, child_name)
+    wrapped = VARIANTS[variant](base, **lora_kwargs)
+    wrapped.train(base.training)  # a new module starts in training mode: in an eval model, dropout would run
     setattr(parent, child_name, wrapped)
     return wrapped
 

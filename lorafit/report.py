@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     import torch
     from rich.console import Console
 
+    from lorafit.config import RankAllocationConfig
     from lorafit.data import TokenizedData
+    from lorafit.eva import RankAllocation
     from lorafit.evaluate import EvalResult
     from lorafit.inject import InjectionReport
 
@@ -84,6 +86,30 @@ def targeting_table(report: InjectionReport) -> Table:
         "",
         f"[bold]{report.trainable:,}[/] of {report.total:,} ({report.trainable_percent:.3f}%)",
     )
+    return table
+
+
+def allocation_table(allocation: RankAllocation, settings: RankAllocationConfig) -> Table:
+    """The allocated rank of every targeted module: one row per decoder layer, one column per module kind."""
+    from lorafit.inject import layer_index
+
+    kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in allocation.ranks))
+    rows: dict[str, dict[str, int]] = {}
+    for name, rank in allocation.ranks.items():
+        index = layer_index(name)
+        rows.setdefault(name.rsplit(".", 1)[0] if index is None else str(index), {})[name.rsplit(".", 1)[-1]] = rank
+    spent = sum(allocation.ranks.values())
+    unadapted = sum(rank == 0 for rank in allocation.ranks.values())
+    converged = ("all converged" if not allocation.unconverged
+                 else f"{len(allocation.unconverged)} modules not converged at max_batches")
+    table = Table(title=f"rank allocation ({settings.method}, rho={settings.rho:g}): {spent} of budget "
+                        f"{allocation.budget} over {len(allocation.ranks)} modules, {unadapted} left unadapted; "
+                        f"{allocation.batches} batches, {converged}", title_justify="left")
+    table.add_column("layer")
+    for kind in kinds:
+        table.add_column(kind, justify="right")
+    for layer, ranks in rows.items():
+        table.add_row(layer, *(str(ranks.get(kind, "")) for kind in kinds))
     return table
 
 

@@ -22,38 +22,34 @@ from rich.console import Console
 
 from lorafit import precision
 from lorafit.adapter_io import save_adapter
-from lorafit.checkpoint import latest_checkpoint, prepare_output, restore_checkpoint, save_checkpoint, truncate_metrics
-from lorafit.config import Recipe
-from lorafit.data import collate, load_tokenized, pack, split_validation
+from lorafit.checkpoint import (
+    latest_checkpoint,
+    load_allocation,
+    prepare_output,
+    restore_checkpoint,
+    save_allocation,
+    save_checkpoint,
+    truncate_metrics,
+)
+from lorafit.config import LoRAConfig, Recipe
+from lorafit.data import Batches, TokenizedData, load_tokenized, pack, split_validation
 from lorafit.errors import LorafitError
+from lorafit.eva import RankAllocation, allocate_ranks
 from lorafit.inject import adapters_to_float32, inject_lora, training_hooks
 from lorafit.lora import TrainingHooks
 from lorafit.loss import evaluate_loss, token_loss_sum, trained_positions
 from lorafit.model import compile_layers, load_base_model, load_tokenizer
-from lorafit.report import MetricsLog, RunSummary, make_progress, peak_memory, plot_losses, report_data, targeting_table
+from lorafit.report import (
+    MetricsLog,
+    RunSummary,
+    allocation_table,
+    make_progress,
+    peak_memory,
+    plot_losses,
+    report_data,
+    targeting_table,
+)
 from lorafit.schedule import make_scheduler
-
-
-class Batches:
-    """An endless, seeded stream of micro-batches, addressable by position for exact resume.
-
-    Micro-batch ``k`` is batch ``k % per_epoch`` of epoch ``k // per_epoch``; each epoch's order is a
-    permutation seeded by (seed, epoch), so no sampler state needs saving — only ``k``.
-    """
-
-    def __init__(self, rows: list[dict[str, list[int]]], micro_batch_size: int, seed: int, pad_id: int):
-        self.rows, self.size, self.seed, self.pad_id = rows, micro_batch_size, seed, pad_id
-        self.per_epoch = math.ceil(len(rows) / micro_batch_size)
-        self._order: tuple[int, list[int]] | None = None
-
-    def get(self, position: int) -> tuple[dict[str, torch.Tensor], int]:
-        """The micro-batch at ``position`` and its number of real (non-padding) tokens."""
-        epoch, index = divmod(position, self.per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = (epoch, torch.randperm(len(self.rows), generator=generator).tolist())
-        chosen = [self.rows[i] for i in self._order[1][index * self.size : (index + 1) * self.size]]
-        return collate(chosen, self.pad_id), sum(len(row["input_ids"]) for row in chosen)
 
 
 def train(recipe: Recipe, resume: str | None = None, console: Console | None = None) -> RunSummary:
@@ -74,17 +70,14 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
 
     # Data first: a bad file must fail before anything lands in OUT or a model loads for nothing.
     tokenizer = load_tokenizer(recipe.model)
-    train_data = load_tokenized(recipe.data.train, recipe.data, tokenizer)
-    eval_data = load_tokenized(recipe.data.eval, recipe.data, tokenizer) if recipe.data.eval else None
-    if recipe.data.val_fraction:
-        train_data, eval_data = split_validation(train_data, recipe.data.val_fraction, cfg.seed)
+    train_data, eval_data, batches = training_data(recipe, tokenizer)
     report_data(console, train_data, eval_data)
-    train_rows = pack(train_data.examples, recipe.data.max_seq_len) if recipe.data.packing else train_data.examples
 
     torch.manual_seed(cfg.seed)  # LoRA A init, dropout
     random.seed(cfg.seed)
     model = load_base_model(recipe.model, training=True)
-    report = inject_lora(model, recipe.lora)
+    allocation = rank_allocation(model, recipe.lora, batches, accelerator.device, out if checkpoint else None, console)
+    report = inject_lora(model, recipe.lora, allocation)
     adapters_to_float32(model)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing recomputes inside autograd, so LoRA weights get gradients even
@@ -95,7 +88,6 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
         console.print(f"compiling {count} decoder layers: the first step (and the first eval) will be slow")
     console.print(targeting_table(report))
 
-    batches = Batches(train_rows, cfg.micro_batch_size, cfg.seed, tokenizer.pad_token_id)
     steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -115,6 +107,8 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(recipe.to_yaml())
+        if allocation is not None:
+            save_allocation(out, allocation, recipe.lora.rank_allocation)
 
     metrics = MetricsLog(out / "metrics.jsonl")
 
@@ -167,6 +161,33 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
         peak_memory_bytes=peak_memory(accelerator.device), report=report,
         train_data=train_data, eval_data=eval_data,
     )
+
+
+def training_data(recipe: Recipe, tokenizer) -> tuple[TokenizedData, TokenizedData | None, Batches]:
+    """The recipe's train and eval sets, tokenized, and the seeded micro-batch stream training reads."""
+    data = recipe.data
+    train_data = load_tokenized(data.train, data, tokenizer)
+    eval_data = load_tokenized(data.eval, data, tokenizer) if data.eval else None
+    if data.val_fraction:
+        train_data, eval_data = split_validation(train_data, data.val_fraction, recipe.train.seed)
+    rows = pack(train_data.examples, data.max_seq_len) if data.packing else train_data.examples
+    batches = Batches(rows, recipe.train.micro_batch_size, recipe.train.seed, tokenizer.pad_token_id)
+    return train_data, eval_data, batches
+
+
+def rank_allocation(model, lora: LoRAConfig, batches: Batches, device: torch.device, resumed_out: Path | None,
+                    console: Console) -> RankAllocation | None:
+    """``lora.rank_allocation``'s per-layer ranks: computed on the first training batches, or, when resuming
+    the run in ``resumed_out``, read back from it (the weights then come from the checkpoint)."""
+    if lora.rank_allocation is None:
+        return None
+    if resumed_out is not None:
+        return load_allocation(resumed_out)
+    model.to(device)
+    with console.status("allocating ranks (EVA: forward passes over training batches) ..."):
+        allocation = allocate_ranks(model, lora, lambda position: batches.get(position)[0])
+    console.print(allocation_table(allocation, lora.rank_allocation))
+    return allocation
 
 
 @dataclass(frozen=True)

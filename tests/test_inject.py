@@ -95,3 +95,13 @@ def test_lora_gradients_flow_through_model(model, input_ids):
     # B = 0 at start, so only B gets a non-zero gradient on the first step (A's grad is B^T-weighted)
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_wrapped_layers_take_the_mode_of_the_layer_they_wrap():
+    """A layer wrapped inside an eval-mode model is in eval mode too: its dropout must not run."""
+    model = tiny_model().eval()
+    inject_lora(model, LoRAConfig(r=4, dropout=0.5))
+    assert not any(module.training for module in lora_modules(model).values())
+    training = tiny_model().train()
+    inject_lora(training, LoRAConfig(r=4, dropout=0.5))
+    assert all(module.training for module in lora_modules(training).values())
