@@ -114,13 +114,26 @@ class IncrementalPCA:
 
     def _svd(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(S [q], Vᵀ [q, in]) of ``matrix``, each row of Vᵀ signed so its largest entry is positive."""
-        q = min(2 * self.k, *matrix.shape)
-        with torch.random.fork_rng(devices=[matrix.device] if matrix.is_cuda else []):
-            torch.manual_seed(PCA_SEED)
-            _, singular, v = torch.svd_lowrank(matrix, q=q, niter=4)
+        singular, v = randomized_svd(matrix, q=min(2 * self.k, *matrix.shape), niter=4, seed=PCA_SEED)
         vt = v.mH
         signs = torch.sign(vt[torch.arange(vt.shape[0]), vt.abs().argmax(dim=1)])
         return singular, vt * signs[:, None]
+
+
+def randomized_svd(matrix: torch.Tensor, q: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S [q], V [in, q]) of matrix [m, in] ≈ U·diag(S)·Vᴴ: Halko et al. 2009, Algorithm 5.1, step for step
+    as torch.svd_lowrank computes it, but drawing its test matrix from its own seeded generator (the same
+    numbers torch.manual_seed(seed) would give) instead of reseeding the global one on every call."""
+    wide = matrix.shape[0] < matrix.shape[1]
+    a = matrix.mH if wide else matrix  # tall: [rows, cols], rows >= cols
+    generator = torch.Generator(a.device).manual_seed(seed)
+    test = torch.randn(a.shape[1], q, dtype=a.dtype, device=a.device, generator=generator)
+    basis = torch.linalg.qr(a @ test).Q  # [rows, q]
+    for _ in range(niter):
+        basis = torch.linalg.qr(a.mH @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    u, singular, vh = torch.linalg.svd(basis.mH @ a, full_matrices=False)
+    return singular, basis @ u if wide else vh.mH
 
 
 def allocate_ranks(model: nn.Module, lora: LoRAConfig, batch_at: Callable[[int], dict[str, torch.Tensor]]

@@ -75,8 +75,8 @@ def targeting_table(report: InjectionReport) -> Table:
         table.add_column(column, justify="left" if column == "module" else "right")
     for kind, count in report.kinds.items():
         settings = report.kind_settings.get(kind, set())
-        ranks = ", ".join(str(r) for r in sorted({r for r, _ in settings}))
-        alphas = ", ".join(f"{a:g}" for a in sorted({a for _, a in settings}))
+        ranks = _values({r for r, _ in settings})
+        alphas = _values({a for _, a in settings})
         table.add_row(kind, str(count), ranks, alphas, f"{report.kind_params[kind]:,}")
     table.add_section()
     table.add_row(
@@ -87,6 +87,14 @@ def targeting_table(report: InjectionReport) -> Table:
         f"[bold]{report.trainable:,}[/] of {report.total:,} ({report.trainable_percent:.3f}%)",
     )
     return table
+
+
+def _values(values: set[float]) -> str:
+    """A few values listed, many (per-layer ranks) as their range."""
+    ordered = sorted(values)
+    if len(ordered) > 3:
+        return f"{ordered[0]:g}–{ordered[-1]:g}"
+    return ", ".join(f"{value:g}" for value in ordered)
 
 
 def allocation_table(allocation: RankAllocation, settings: RankAllocationConfig) -> Table:
