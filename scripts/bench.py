@@ -9,7 +9,8 @@ tokens packed from the quickstart data (completions trained, prompts masked), Ad
   autocast), lorafit+compile, and PEFT's two usual setups: bf16 weights + fp32 adapters ("peft"), and fp32
   weights under bf16 autocast ("peft+autocast"); plus PEFT in fp32 as the reference run.
 - qlora: 4-bit NF4 base, computing in bf16 where it is native (then with an fp32 reference run), else fp32.
-- dora (fp32): lorafit's DoRA against PEFT's DoRA, and its step time against lorafit's own LoRA step.
+- dora: lorafit's DoRA against PEFT's DoRA, and its step time against lorafit's own LoRA step; in bf16
+  where bf16 is native (gated against an fp32 PEFT DoRA run, as the bf16 config is), else in fp32.
 Reported per run: median tokens/s of the steps after warm-up, peak memory (RSS sampled during training on
 CPU, max_memory_allocated on CUDA), the loss at each step, ratios against the fastest PEFT row of the same
 configuration, and MFU: model FLOPs per second over a matmul peak measured on the same device and dtype in
@@ -69,10 +70,13 @@ class Row:
 
 
 def rows_for(config: str, compute: str, compile_rows: bool, checkpointing: bool) -> list[Row]:
-    if config == "dora":  # fp32: lorafit's DoRA against PEFT's, and against lorafit's own LoRA step
-        return [Row("lorafit dora", "lorafit", compute, variant="dora"),
+    if config == "dora":  # lorafit's DoRA against PEFT's, and against lorafit's own LoRA step
+        rows = [Row("lorafit dora", "lorafit", compute, variant="dora"),
                 Row("lorafit lora (baseline)", "lorafit", compute, baseline=True),
-                Row("peft dora", "peft", compute, variant="dora")]
+                Row("peft dora", "peft", compute, weights=compute, variant="dora")]
+        if compute != "float32":  # bf16 runs are gated on their drift from an fp32 run, as in the bf16 config
+            rows.append(Row("fp32 reference (peft dora)", "peft", "float32", variant="dora", reference=True))
+        return rows
     lorafit = [Row("lorafit", "lorafit", compute)]
     if compile_rows and config != "qlora":
         lorafit.append(Row("lorafit+compile", "lorafit", compute, compile=True))
@@ -251,7 +255,7 @@ CONFIGS = {"fp32": None, "bf16": None, "qlora": "4bit", "dora": None}  # name ->
 
 def compute_dtype(config: str, native_bf16: bool) -> str | None:
     """The dtype a config computes in here, or None when it is skipped on this device."""
-    if config in ("fp32", "dora"):
+    if config == "fp32":
         return "float32"
     if config == "bf16":
         return "bfloat16" if native_bf16 else None

@@ -123,3 +123,21 @@ def test_dora_config_reports_the_step_against_lorafit_lora_and_gates_against_pef
     assert table["lorafit dora"]["step_vs_lorafit_lora"] == pytest.approx(1.25)
     assert table["lorafit dora"]["speed_ratio"] == 2.0 and table["lorafit dora"]["gate"]["passed"]
     assert "gate" not in table["lorafit lora (baseline)"]  # other math: not gated against PEFT's DoRA
+
+
+def test_dora_config_in_bf16_adds_an_fp32_reference_and_gates_on_drift():
+    assert bench.compute_dtype("dora", native_bf16=True) == "bfloat16"
+    assert bench.compute_dtype("dora", native_bf16=False) == "float32"
+    rows = bench.rows_for("dora", "bfloat16", compile_rows=False, checkpointing=False)
+    assert [(r.name, r.compute, r.weights) for r in rows] == [
+        ("lorafit dora", "bfloat16", "float32"), ("lorafit lora (baseline)", "bfloat16", "float32"),
+        ("peft dora", "bfloat16", "bfloat16"), ("fp32 reference (peft dora)", "float32", "float32")]
+    reference = [2.0, 1.8, 1.6, 1.4]
+    runs = {"lorafit dora": [run("lorafit dora", 300, 1, [2.0, 1.802, 1.603, 1.404], "bfloat16")],
+            "lorafit lora (baseline)": [run("lorafit lora (baseline)", 360, 1, [2.0, 1.7, 1.5, 1.3], "bfloat16")],
+            "peft dora": [run("peft dora", 150, 2, [2.0, 1.805, 1.61, 1.41], "bfloat16")],
+            "fp32 reference (peft dora)": [run("fp32 reference (peft dora)", 100, 1, reference)]}
+    table = summarize(rows, runs, "bfloat16")
+    assert table["lorafit dora"]["step_vs_lorafit_lora"] == pytest.approx(1.2)
+    assert table["lorafit dora"]["speed_ratio"] == 2.0  # against PEFT's DoRA, not the fp32 reference
+    assert table["lorafit dora"]["gate"]["kind"] == "bf16" and table["lorafit dora"]["gate"]["passed"]
