@@ -28,6 +28,7 @@ from torch import nn
 
 from lorafit.config import LoRAConfig
 from lorafit.data import IGNORE_INDEX
+from lorafit.errors import LorafitError
 from lorafit.inject import find_targets, target_settings
 
 PCA_SEED = 42  # torch.svd_lowrank draws a random test matrix; fixed as PEFT fixes it
@@ -182,8 +183,9 @@ def allocate_eva(
             needed = max(allocated[name] for name in members)
             done[leader] = bool((pcas[leader].similarity[:needed] >= tau).all())
     if any(pca.components_ is None for pca in pcas.values()):
-        raise ValueError(f"EVA saw fewer trained tokens per batch than the {max(cap.values())} components it "
-                         "needs; raise train.micro_batch_size or lower lora.r / rank_allocation.rho")
+        raise LorafitError(f"lora.rank_allocation: no training batch has as many trained tokens as the "
+                           f"{max(cap.values())} components EVA needs per layer; raise train.micro_batch_size, or "
+                           "lower lora.r or rank_allocation.rho")
     leader_of = {name: leader for leader, members in groups.items() for name in members}
     return RankAllocation(
         ranks=allocated, budget=budget, batches=used,

@@ -125,3 +125,19 @@ def test_help_does_not_import_torch():
     script = "import sys, lorafit.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_plan_prints_the_ranks_a_rank_allocation_would_use(tmp_path, tiny_model_dir):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, "lora:\n  r: 2\n  rank_allocation: {method: eva, rho: 2.0}\n")
+    rows = "".join(f'{{"prompt": "add {i} and {i}", "completion": "the sum is {2 * i}, twice {i}"}}\n'
+                   for i in range(40))
+    (tmp_path / "train.jsonl").write_text(rows)
+    result = run("plan", str(recipe), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rank allocation (eva, rho=2)" in result.stdout and "of budget 28 over 14 modules" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')  # 1 trained token a batch
+    result = run("plan", str(recipe), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "raise train.micro_batch_size" in result.stderr + result.stdout
