@@ -23,7 +23,7 @@ from lorafit.dora import dora_merged_weight
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
 from lorafit.inject import lora_modules, pattern_value, set_trainable, wrap_module
-from lorafit.lora import LoRALinear, lora_delta, lora_scaling, merged_weight
+from lorafit.lora import AdapterLayer, lora_delta, lora_scaling, merged_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,47 +79,35 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | N
 def write_adapter_files(model: nn.Module, folder: Path, base_model_name: str | None = None) -> None:
     modules = lora_modules(model)
     if not modules:
-        raise ValueError("save_adapter: the model has no LoRA layers")
+        raise ValueError("save_adapter: the model has no adapter layers")
+    variant = type(next(iter(modules.values())))
     tensors = {
         f"{KEY_PREFIX}{name}.{part}": param.detach().contiguous().cpu()
         for name, module in modules.items()
         for part, param in module.adapter_params().items()
     }
+    tensors.update({key: t.detach().contiguous().cpu() for key, t in variant.shared_tensors(modules).items()})
     save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     config = adapter_config(modules, base_model_name)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def adapter_config(modules: dict[str, LoRALinear], base_model_name: str | None) -> dict[str, Any]:
-    """PEFT LoraConfig fields; per-module rank/alpha that differ from the first go to rank/alpha_pattern."""
-    first = next(iter(modules.values()))
-    dropouts = {m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in modules.values()}
+def adapter_config(modules: dict[str, AdapterLayer], base_model_name: str | None) -> dict[str, Any]:
+    """The variant's PEFT config fields plus those every PEFT adapter has."""
+    variant = type(next(iter(modules.values())))
     return {
-        "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name,
         "revision": None,
         "inference_mode": True,
-        "r": first.r,
-        "lora_alpha": first.alpha,
-        "lora_dropout": max(dropouts),
         # Full module paths: exact for any targeting rule (suffixes, regex, layer subsets), and what
         # PEFT itself writes for all-linear. PEFT matches list entries by dotted suffix.
         "target_modules": sorted(modules),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": first.use_rslora,
-        **first.peft_fields(),  # the variant's own fields: use_dora
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {name: m.r for name, m in modules.items() if m.r != first.r},
-        "alpha_pattern": {name: m.alpha for name, m in modules.items() if m.alpha != first.alpha},
+        **variant.peft_config(modules),
     }
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> dict[str, LoRALinear]:
+def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> dict[str, AdapterLayer]:
     """Wrap ``model``'s layers with the adapter in ``adapter_dir`` (lorafit's or PEFT's).
 
     Everything is checked before the first layer is wrapped, so a bad adapter leaves the model untouched.

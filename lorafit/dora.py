@@ -58,9 +58,7 @@ class DoRALinear(LoRALinear):
         self.register_buffer("weight_sq_norm", weight.pow(2).sum(dim=1), persistent=False)
         self.lora_magnitude_vector = nn.Parameter(self.weight_sq_norm.sqrt().to(self.lora_A.weight.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x)
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # (..., out), W·x + bias
         dtype = result.dtype
         lora_in = self.lora_dropout(x)

@@ -13,13 +13,13 @@ from torch import nn
 from lorafit.config import LoRAConfig, RegexTarget, TargetModules
 from lorafit.dora import DoRALinear
 from lorafit.errors import LorafitError
-from lorafit.lora import LoRALinear, TrainingHooks
+from lorafit.lora import AdapterLayer, LoRALinear, TrainingHooks
 
 if TYPE_CHECKING:
     from lorafit.eva import RankAllocation
 
-# lora.variant -> the layer class that implements it; every variant is a LoRALinear.
-VARIANTS: dict[str, type[LoRALinear]] = {"lora": LoRALinear, "dora": DoRALinear}
+# lora.variant -> the layer class that implements it; every variant is an AdapterLayer.
+VARIANTS: dict[str, type[AdapterLayer]] = {"lora": LoRALinear, "dora": DoRALinear}
 # Decoder blocks live under one of these containers in nearly every HF causal LM ("model.layers.3.").
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
 
@@ -46,7 +46,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head and not isinstance(module, LoRALinear)
+        if isinstance(module, nn.Linear) and module is not head and not isinstance(module, AdapterLayer)
     ]
 
 
@@ -116,7 +116,7 @@ def _pattern_matches(key: str, module_name: str) -> bool:
     return re.match(rf"(.*\.)?({key})$", module_name) is not None
 
 
-def wrap_module(model: nn.Module, name: str, variant: str = "lora", **lora_kwargs) -> LoRALinear:
+def wrap_module(model: nn.Module, name: str, variant: str = "lora", **lora_kwargs) -> AdapterLayer:
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     base = getattr(parent, child_name)
@@ -135,9 +135,9 @@ def remove_lora(model: nn.Module) -> None:
         setattr(parent, child_name, module.base_layer)
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    """Module path (as the base model names it) -> its LoRA wrapper."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Module path (as the base model names it) -> its adapter layer (LoRA or a variant)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, AdapterLayer)}
 
 
 def training_hooks(model: nn.Module, total_steps: int) -> TrainingHooks:

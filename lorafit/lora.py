@@ -1,5 +1,6 @@
 """Our LoRA layer: h = W0·x + scaling · B·A·dropout(x), with W0 frozen.
 
+``AdapterLayer`` is what every variant shares (lorafit/dora.py, lorafit/vera.py build on it).
 Only torch is imported here, so the layer can wrap any module that behaves like a linear layer
 (a plain ``nn.Linear`` today, a bitsandbytes ``Linear4bit`` later) without changing its math.
 Parts are named ``lora_A`` / ``lora_B`` exactly as PEFT names them, so saving is a key prefix away.
@@ -47,7 +48,7 @@ class TrainingHooks:
     schedule). The default — plain LoRA, DoRA — adds nothing and costs nothing.
     """
 
-    def __init__(self, modules: dict[str, LoRALinear], total_steps: int) -> None:
+    def __init__(self, modules: dict[str, AdapterLayer], total_steps: int) -> None:
         self.modules = modules
         self.total_steps = total_steps
 
@@ -58,18 +59,103 @@ class TrainingHooks:
         return None
 
 
-class LoRALinear(nn.Module):
+class AdapterLayer(nn.Module):
+    """A frozen ``base_layer`` plus a variant's trainable update; every variant (LoRA, DoRA, VeRA) is one.
+
+    This class owns what all variants share: the base layer, the input dropout, the merged flag and
+    merge/unmerge. A variant provides its update (``adapted_forward``), its trainable parameters under the
+    names PEFT saves (``adapter_params``), a pure fp32 ``merged_weight_from(W)`` and its inverse, its PEFT
+    config (``peft_config``) and tensors shared by all its layers (``shared_tensors``), and names its loop
+    hooks in ``training_hooks``.
+    """
+
+    training_hooks: type[TrainingHooks] = TrainingHooks
+    r: int
+    alpha: float | None = None  # variants without a LoRA scaling (VeRA) have none
+
+    def __init__(self, base_layer: nn.Module, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        # No dropout module at all when p == 0: nn.Identity costs nothing, nn.Dropout(0) still copies.
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """Adapter weights live in the base weight's dtype when that is a float type; a quantized base
+        (int8 / packed 4-bit storage) gets fp32 adapters, cast per call in forward()."""
+        dtype = self.base_layer.weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)  # the update already lives inside base_layer.weight
+        return self.adapted_forward(x)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The parameters this adapter owns, under the names PEFT saves them with."""
+        raise NotImplementedError
+
+    def merged_weight_from(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight with this adapter folded in, computed in fp32, in W's dtype. Merging a loaded
+        model and merging checkpoint files both use it."""
+        raise NotImplementedError
+
+    def unmerged_weight_from(self, merged: torch.Tensor) -> torch.Tensor:
+        """The base weight back from ``merged_weight_from``'s result."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_config(cls, modules: dict[str, AdapterLayer]) -> dict[str, Any]:
+        """The adapter_config.json fields of this variant (PEFT's names) for these wrapped modules."""
+        raise NotImplementedError
+
+    @classmethod
+    def shared_tensors(cls, modules: dict[str, AdapterLayer]) -> dict[str, torch.Tensor]:
+        """Saved tensors that belong to no single layer, by their full key (VeRA's projections)."""
+        return {}
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight. Idempotent: merging twice does not add it twice."""
+        if self.merged:
+            return
+        weight = self._float_base_weight()
+        weight.copy_(self.merged_weight_from(weight))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of the base weight (exact up to the base dtype's rounding)."""
+        if not self.merged:
+            return
+        weight = self._float_base_weight()
+        weight.copy_(self.unmerged_weight_from(weight))
+        self.merged = False
+
+    def _float_base_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        if not weight.dtype.is_floating_point:
+            raise TypeError(
+                f"cannot merge an adapter into a {weight.dtype} (quantized) base weight: merge into the "
+                "full-precision checkpoint instead"
+            )
+        return weight
+
+
+class LoRALinear(AdapterLayer):
     """A frozen linear ``base_layer`` plus a trainable low-rank update.
 
     Shapes, for a base layer ``in_features -> out_features`` and rank ``r``:
         x: (..., in)  ->  lora_A: (..., r)  ->  lora_B: (..., out)
         lora_A.weight: [r, in]     lora_B.weight: [out, r]     delta_weight(): [out, in]
     B starts at zero, so a freshly wrapped model computes exactly what the base model computes.
-    A variant subclasses this, overrides the update, ``adapter_params``, ``merged_weight_from`` /
-    ``unmerged_weight_from`` and ``peft_fields``, and names its loop hooks in ``training_hooks``.
     """
-
-    training_hooks: type[TrainingHooks] = TrainingHooks
 
     def __init__(
         self,
@@ -80,25 +166,16 @@ class LoRALinear(nn.Module):
         init: InitKind = "kaiming",
         use_rslora: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(base_layer, dropout)
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
-        self.base_layer = base_layer
-        self.in_features: int = base_layer.in_features
-        self.out_features: int = base_layer.out_features
         self.r = r
         self.alpha = alpha
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
-        # No dropout module at all when p == 0: nn.Identity costs nothing, nn.Dropout(0) still copies.
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Adapter weights live in the base weight's dtype when that is a float type; a quantized
-        # base (int8 / packed 4-bit storage) gets fp32 adapters, cast per call in forward().
-        weight = base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
-        self.merged = False
+        device, dtype = base_layer.weight.device, self.adapter_dtype
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.reset_lora_parameters(init)
 
     def reset_lora_parameters(self, init: InitKind = "kaiming") -> None:
@@ -113,9 +190,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"unknown LoRA init {init!r}: use 'kaiming' or 'gaussian'")
         nn.init.zeros_(self.lora_B.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x)  # the update already lives inside base_layer.weight
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(self.base_layer) is nn.Linear:
             return self._fused_forward(x)
         # Other bases (bitsandbytes 4/8-bit) may keep their output for backward: add out of place.
@@ -149,47 +224,39 @@ class LoRALinear(nn.Module):
         return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def merged_weight_from(self, weight: torch.Tensor) -> torch.Tensor:
-        """The base weight with this adapter folded in, W + scaling·B·A, computed in fp32, in W's dtype.
-        Every variant provides this; merging a loaded model and merging checkpoint files both use it."""
+        """W + scaling·B·A, computed in fp32, in W's dtype."""
         return merged_weight(weight, self.delta_weight())
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight. Idempotent: merging twice does not add it twice."""
-        if self.merged:
-            return
-        weight = self._float_base_weight()
-        weight.copy_(self.merged_weight_from(weight))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take the update back out of the base weight (exact up to the base dtype's rounding)."""
-        if not self.merged:
-            return
-        weight = self._float_base_weight()
-        weight.copy_(self.unmerged_weight_from(weight))
-        self.merged = False
-
     def unmerged_weight_from(self, merged: torch.Tensor) -> torch.Tensor:
-        """The base weight back from ``merged_weight_from``'s result."""
         return merged_weight(merged, -self.delta_weight())
 
-    def _float_base_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        if not weight.dtype.is_floating_point:
-            raise TypeError(
-                f"cannot merge LoRA into a {weight.dtype} (quantized) base weight: merge into the "
-                "full-precision checkpoint instead"
-            )
-        return weight
-
     def peft_fields(self) -> dict[str, Any]:
-        """The adapter_config.json fields (PEFT's LoraConfig names) this variant sets."""
+        """The LoraConfig fields that tell LoRA's variants apart (DoRA sets use_dora)."""
         return {"use_dora": False}
 
+    @classmethod
+    def peft_config(cls, modules: dict[str, AdapterLayer]) -> dict[str, Any]:
+        """PEFT LoraConfig fields; per-module rank/alpha that differ from the first go to rank/alpha_pattern."""
+        first = next(iter(modules.values()))
+        dropouts = {m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in modules.values()}
+        return {
+            "peft_type": "LORA",
+            "r": first.r,
+            "lora_alpha": first.alpha,
+            "lora_dropout": max(dropouts),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": first.use_rslora,
+            **first.peft_fields(),
+            "init_lora_weights": True,
+            "modules_to_save": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "rank_pattern": {name: m.r for name, m in modules.items() if m.r != first.r},
+            "alpha_pattern": {name: m.alpha for name, m in modules.items() if m.alpha != first.alpha},
+        }
+
     def adapter_params(self) -> dict[str, nn.Parameter]:
-        """The parameters this adapter owns, under the names PEFT saves them with."""
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
 
     def extra_repr(self) -> str:
