@@ -24,6 +24,7 @@ from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
 from lorafit.inject import lora_modules, pattern_value, set_trainable, wrap_module
 from lorafit.lora import AdapterLayer, lora_delta, lora_scaling, merged_weight
+from lorafit.vera import PROJECTION_KEYS, VeRAProjections, vera_delta
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -43,8 +44,8 @@ _UNSUPPORTED = {
 
 @dataclass
 class ModuleAdapter:
-    """One module's saved update: A [r, in], B [out, r], the scaling the config gives it, and for DoRA
-    the magnitude [out]."""
+    """One module's saved LoRA update: A [r, in], B [out, r], the scaling the config gives it, and for DoRA
+    the magnitude [out]. Every saved update (this, VeRAUpdate) offers the same five members."""
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
@@ -61,11 +62,65 @@ class ModuleAdapter:
     def variant(self) -> str:
         return "lora" if self.magnitude is None else "dora"
 
+    def layer_kwargs(self, dropout: float) -> dict[str, Any]:
+        return {"r": self.r, "alpha": self.alpha, "dropout": dropout, "use_rslora": self.use_rslora}
+
+    def copy_into(self, module: AdapterLayer) -> None:
+        with torch.no_grad():
+            module.lora_A.weight.copy_(self.lora_A)
+            module.lora_B.weight.copy_(self.lora_B)
+            if self.magnitude is not None:
+                module.lora_magnitude_vector.copy_(self.magnitude)
+
+    def misfit(self, out_features: int, in_features: int) -> str | None:
+        """Why this update cannot apply to a base weight [out, in], or None."""
+        want_a, want_b = (self.r, in_features), (out_features, self.r)
+        got_a, got_b = tuple(self.lora_A.shape), tuple(self.lora_B.shape)
+        if (got_a, got_b) == (want_a, want_b):
+            return None
+        return (f"adapter has lora_A {list(got_a)}, lora_B {list(got_b)}, but the base layer is "
+                f"[{out_features}, {in_features}] (out, in) with r={self.r}, which needs lora_A {list(want_a)}, "
+                f"lora_B {list(want_b)}")
+
     def merged_weight(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The base weight with this update folded in (fp32 math), as the variant's layer merges it."""
         if self.magnitude is None:
             return merged_weight(weight, lora_delta(self.lora_A, self.lora_B, self.scaling), dtype)
         return dora_merged_weight(weight, self.lora_A, self.lora_B, self.scaling, self.magnitude, dtype)
+
+
+@dataclass
+class VeRAUpdate:
+    """One module's saved VeRA update: λ_b [out], λ_d [r], and the projections all modules share."""
+
+    lambda_b: torch.Tensor
+    lambda_d: torch.Tensor
+    projections: VeRAProjections
+    d_initial: float = 0.1
+    variant: str = "vera"
+
+    def layer_kwargs(self, dropout: float) -> dict[str, Any]:
+        return {"projections": self.projections, "dropout": dropout, "d_initial": self.d_initial}
+
+    def copy_into(self, module: AdapterLayer) -> None:
+        with torch.no_grad():
+            module.vera_lambda_b.copy_(self.lambda_b)
+            module.vera_lambda_d.copy_(self.lambda_d)
+
+    def misfit(self, out_features: int, in_features: int) -> str | None:
+        max_out, max_in = self.projections.vera_B.shape[0], self.projections.vera_A.shape[1]
+        if self.lambda_b.shape[0] == out_features and in_features <= max_in and out_features <= max_out:
+            return None
+        return (f"adapter has vera_lambda_b [{self.lambda_b.shape[0]}] and projections for layers up to "
+                f"[{max_out}, {max_in}], but the base layer is [{out_features}, {in_features}] (out, in)")
+
+    def merged_weight(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        delta = vera_delta(self.projections.vera_A, self.projections.vera_B, self.lambda_b, self.lambda_d,
+                           tuple(weight.shape))
+        return merged_weight(weight, delta, dtype)
+
+
+SavedUpdate = ModuleAdapter | VeRAUpdate
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | None = None) -> Path:
@@ -118,16 +173,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     if lora_modules(model):
         raise LorafitError("this model already carries LoRA layers; load the adapter into a fresh base model")
     _check_fit(model, per_module, adapter_dir)
-    dropout = float(config.get("lora_dropout") or 0.0)
+    dropout = float(config.get("lora_dropout", config.get("vera_dropout")) or 0.0)
     wrapped = {}
     for name, found in per_module.items():
-        module = wrap_module(model, name, found.variant, r=found.r, alpha=found.alpha, dropout=dropout,
-                             use_rslora=found.use_rslora)
-        with torch.no_grad():
-            module.lora_A.weight.copy_(found.lora_A)
-            module.lora_B.weight.copy_(found.lora_B)
-            if found.magnitude is not None:
-                module.lora_magnitude_vector.copy_(found.magnitude)
+        module = wrap_module(model, name, found.variant, **found.layer_kwargs(dropout))
+        found.copy_into(module)
         wrapped[name] = module
     if trainable:
         set_trainable(model)
@@ -136,10 +186,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     return wrapped
 
 
-def read_adapter(adapter_dir: str | Path) -> dict[str, ModuleAdapter]:
+def read_adapter(adapter_dir: str | Path) -> dict[str, SavedUpdate]:
     """Module path -> its saved update, from an adapter folder (lorafit's or PEFT's), without a model."""
     adapter_dir = Path(adapter_dir)
-    return _group_tensors(_read_weights(adapter_dir), read_adapter_config(adapter_dir), adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    group = _group_vera_tensors if config.get("peft_type") == "VERA" else _group_tensors
+    return group(_read_weights(adapter_dir), config, adapter_dir)
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
@@ -150,9 +202,13 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise LorafitError(f"{path}: could not be read as JSON ({err})") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") not in ("LORA", "VERA"):
         kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise LorafitError(f"{path}: peft_type {kind!r} is not supported; lorafit loads LORA adapters")
+        raise LorafitError(f"{path}: peft_type {kind!r} is not supported; lorafit loads LORA (incl. DoRA) and "
+                           "VERA adapters")
+    if config.get("peft_type") == "VERA" and not config.get("save_projection", True):
+        raise LorafitError(f"{path}: a VeRA adapter saved without its projections (save_projection: false); "
+                           "lorafit reads VeRA adapters that carry them: re-save it with save_projection=True")
     for key, plain in _UNSUPPORTED.items():
         if config.get(key, plain) not in (plain, [], {}):
             raise LorafitError(f"{path}: {key}={config[key]!r} is not supported by lorafit (only plain LoRA is)")
@@ -175,7 +231,7 @@ def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 def _group_tensors(
     tensors: dict[str, torch.Tensor], config: dict[str, Any], adapter_dir: Path
-) -> dict[str, ModuleAdapter]:
+) -> dict[str, SavedUpdate]:
     """``base_model.model.<path>.lora_A.weight`` keys -> per-module A, B, r and alpha."""
     known = (*_PARTS, MAGNITUDE) if config.get("use_dora", False) else _PARTS  # every module has exactly these
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -218,7 +274,38 @@ def _group_tensors(
     return grouped
 
 
-def _check_fit(model: nn.Module, per_module: dict[str, ModuleAdapter], adapter_dir: Path) -> None:
+def _group_vera_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], adapter_dir: Path
+                        ) -> dict[str, SavedUpdate]:
+    """``base_model.model.<path>.vera_lambda_b`` / ``_d`` keys plus the shared ``base_model.vera_A`` / ``_B``."""
+    where = adapter_dir / WEIGHTS_NAME
+    missing = [key for key in PROJECTION_KEYS if key not in tensors]
+    if missing:
+        raise LorafitError(f"{where}: a VeRA adapter needs {', '.join(missing)} (the shared projections)")
+    vera_A, vera_B = (tensors.pop(key) for key in PROJECTION_KEYS)
+    if vera_A.ndim != 2 or vera_B.ndim != 2 or vera_A.shape[0] != vera_B.shape[1]:
+        raise LorafitError(f"{where}: projections vera_A {list(vera_A.shape)} and vera_B {list(vera_B.shape)} "
+                           "do not agree (need [r, in] and [out, r])")
+    projections = VeRAProjections(vera_A, vera_B, config.get("projection_prng_key"), saved=True)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.removeprefix(KEY_PREFIX).rpartition(".")
+        if not key.startswith(KEY_PREFIX) or part not in ("vera_lambda_b", "vera_lambda_d"):
+            raise LorafitError(f"{where}: unexpected tensor {key!r}; a VeRA adapter holds "
+                               "base_model.model.<module>.vera_lambda_b / vera_lambda_d and the projections")
+        parts.setdefault(name, {})[part] = tensor
+    if not parts:
+        raise LorafitError(f"{where}: holds no VeRA layers")
+    updates = {}
+    for name, pair in parts.items():
+        if set(pair) != {"vera_lambda_b", "vera_lambda_d"} or pair["vera_lambda_d"].shape != (vera_A.shape[0],):
+            raise LorafitError(f"{where}: module {name} needs vera_lambda_b [out] and vera_lambda_d "
+                               f"[{vera_A.shape[0]}] (r from the projections)")
+        updates[name] = VeRAUpdate(pair["vera_lambda_b"], pair["vera_lambda_d"], projections,
+                                   float(config.get("d_initial", 0.1)))
+    return updates
+
+
+def _check_fit(model: nn.Module, per_module: dict[str, SavedUpdate], adapter_dir: Path) -> None:
     problems = []
     for name, found in per_module.items():
         try:
@@ -229,14 +316,9 @@ def _check_fit(model: nn.Module, per_module: dict[str, ModuleAdapter], adapter_d
         if not isinstance(base, nn.Linear):
             problems.append(f"module {name} is a {type(base).__name__}, not a linear layer")
             continue
-        want_a, want_b = (found.r, base.in_features), (base.out_features, found.r)
-        got_a, got_b = tuple(found.lora_A.shape), tuple(found.lora_B.shape)
-        if (got_a, got_b) != (want_a, want_b):
-            problems.append(
-                f"module {name}: adapter has lora_A {list(got_a)}, lora_B {list(got_b)}, but the base layer "
-                f"is [{base.out_features}, {base.in_features}] (out, in) with r={found.r}, which needs "
-                f"lora_A {list(want_a)}, lora_B {list(want_b)}"
-            )
+        problem = found.misfit(base.out_features, base.in_features)
+        if problem:
+            problems.append(f"module {name}: {problem}")
     if problems:
         raise misfit_error(adapter_dir, problems)
 

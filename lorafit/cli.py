@@ -28,7 +28,8 @@ app = typer.Typer(
 console = Console()
 error_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
-VARIANT_NAMES = {"lora": "LoRA", "dora": "DoRA (LoRA + a magnitude per output row)"}
+VARIANT_NAMES = {"lora": "LoRA", "dora": "DoRA (LoRA + a magnitude per output row)",
+                 "vera": "VeRA (trainable scaling vectors over shared random projections)"}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see configs/).", show_default=False)]
 SetOption = Annotated[
@@ -80,7 +81,6 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
     from lorafit import precision
     from lorafit.config import load_recipe
     from lorafit.inject import inject_lora
-    from lorafit.lora import lora_scaling
     from lorafit.model import load_base_model
     from lorafit.quant import cpu_4bit_layout
 
@@ -97,15 +97,9 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
         allocation = _planned_allocation(model, loaded)
     report = inject_lora(model, loaded.lora, allocation)
     memory = memory_estimate(model, report.trainable, loaded.train.optimizer, loaded.model.quantize)
-    lora = loaded.lora
-    scaling = lora_scaling(lora.r, lora.alpha, lora.use_rslora)
     console.print(
         f"base [bold]{loaded.model.base}[/] ({type(model).__name__}, {model_cfg.dtype}, "
-        f"loaded in {load_seconds:.1f}s)\n"
-        f"{VARIANT_NAMES[lora.variant]} r={lora.r} alpha={lora.alpha:g} scaling={scaling:g}"
-        f"{' (rsLoRA: alpha/sqrt(r))' if lora.use_rslora else ''} dropout={lora.dropout:g}"
-        f"{' (per-module r and alpha below)' if lora.rank_pattern or lora.alpha_pattern else ''}\n"
-        f"{chosen.describe()}",
+        f"loaded in {load_seconds:.1f}s)\n{_variant_line(loaded.lora)}\n{chosen.describe()}",
         highlight=False,
     )
     warning = precision.emulated_bf16_warning(chosen)
@@ -117,6 +111,20 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
         console.print(allocation_table(allocation, loaded.lora.rank_allocation))
     console.print(targeting_table(report))
     console.print(memory)
+
+
+def _variant_line(lora) -> str:
+    """The variant and its settings, as ``plan`` prints them."""
+    from lorafit.lora import lora_scaling
+
+    if lora.variant == "vera":
+        key = lora.vera.projection_prng_key if lora.vera else 0
+        return (f"{VARIANT_NAMES['vera']} r={lora.r} (shared frozen projections, seed {key}) "
+                f"dropout={lora.dropout:g}")
+    scaling = lora_scaling(lora.r, lora.alpha, lora.use_rslora)
+    return (f"{VARIANT_NAMES[lora.variant]} r={lora.r} alpha={lora.alpha:g} scaling={scaling:g}"
+            f"{' (rsLoRA: alpha/sqrt(r))' if lora.use_rslora else ''} dropout={lora.dropout:g}"
+            f"{' (per-module r and alpha below)' if lora.rank_pattern or lora.alpha_pattern else ''}")
 
 
 def _planned_allocation(model, recipe):

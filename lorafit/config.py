@@ -73,6 +73,13 @@ class RankAllocationConfig(_Section):
     max_batches: int = Field(64, ge=1)  # forward passes at most (PEFT has no cap)
 
 
+class VeRAConfig(_Section):
+    """VeRA's own settings (lorafit/vera.py); lora.r is VeRA's rank."""
+
+    projection_prng_key: int = Field(0, ge=0)  # seed of the shared frozen projections (PEFT's default 0)
+    d_initial: float = Field(0.1, gt=0)  # λ_d's start value (PEFT's default)
+
+
 class LoRAConfig(_Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
@@ -80,13 +87,31 @@ class LoRAConfig(_Section):
     target_modules: TargetModules = "all-linear"
     layers: list[int] | None = None
     init: Literal["kaiming", "gaussian"] = "kaiming"
-    variant: Literal["lora", "dora"] = "lora"  # dora: a trainable magnitude per output row (lorafit/dora.py)
+    # dora: a trainable magnitude per output row (lorafit/dora.py); vera: shared frozen random projections
+    # and two trainable vectors per layer (lorafit/vera.py)
+    variant: Literal["lora", "dora", "vera"] = "lora"
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r (rank-stabilized LoRA)
     # PEFT semantics: each key is a regex matched against the end of a targeted module's path
     # (re.match(rf"(.*\.)?({key})$", name)); the first key that matches gives that module its r / alpha.
     rank_pattern: dict[PatternKey, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     alpha_pattern: dict[PatternKey, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     rank_allocation: RankAllocationConfig | None = None
+    vera: VeRAConfig | None = None  # variant: vera only; null = the defaults
+
+    @model_validator(mode="after")
+    def _settings_fit_the_variant(self) -> LoRAConfig:
+        # A setting the variant would ignore is a mistake to report, not to train through silently.
+        if self.vera is not None and self.variant != "vera":
+            raise ValueError(f"lora.vera sets VeRA's options, but lora.variant is {self.variant!r}: "
+                             "set variant: vera, or remove the vera block")
+        if self.variant == "vera":
+            ignored = [key for key in ("alpha", "use_rslora", "rank_pattern", "alpha_pattern", "rank_allocation",
+                                       "init")
+                       if getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True)]
+            if ignored:
+                raise ValueError(f"lora.{ignored[0]} does not apply to variant: vera (one shared rank lora.r, no "
+                                 "alpha scaling, its own init); leave it at its default")
+        return self
 
     @field_validator("target_modules", mode="before")
     @classmethod

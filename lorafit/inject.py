@@ -10,16 +10,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lorafit.config import LoRAConfig, RegexTarget, TargetModules
+from lorafit.config import LoRAConfig, RegexTarget, TargetModules, VeRAConfig
 from lorafit.dora import DoRALinear
 from lorafit.errors import LorafitError
 from lorafit.lora import AdapterLayer, LoRALinear, TrainingHooks
+from lorafit.vera import VeRALinear, projections_for
 
 if TYPE_CHECKING:
     from lorafit.eva import RankAllocation
 
 # lora.variant -> the layer class that implements it; every variant is an AdapterLayer.
-VARIANTS: dict[str, type[AdapterLayer]] = {"lora": LoRALinear, "dora": DoRALinear}
+VARIANTS: dict[str, type[AdapterLayer]] = {"lora": LoRALinear, "dora": DoRALinear, "vera": VeRALinear}
 # Decoder blocks live under one of these containers in nearly every HF causal LM ("model.layers.3.").
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
 
@@ -75,6 +76,9 @@ def inject_lora(model: nn.Module, lora: LoRAConfig, allocation: RankAllocation |
     """
     targets = find_targets(model, lora.target_modules, lora.layers)
     check_patterns_used(lora, targets)
+    if lora.variant == "vera":
+        _inject_vera(model, lora, targets)
+        return injection_report(model)
     for name, (r, alpha) in target_settings(lora, targets).items():
         if allocation is not None:
             r, alpha = allocation.settings(name, r, alpha, lora.use_rslora)
@@ -87,6 +91,16 @@ def inject_lora(model: nn.Module, lora: LoRAConfig, allocation: RankAllocation |
                 module.lora_A.weight.copy_(allocation.components[name])
     set_trainable(model)
     return injection_report(model)
+
+
+def _inject_vera(model: nn.Module, lora: LoRAConfig, targets: list[str]) -> None:
+    """VeRA layers share one pair of projections, drawn for the widest targeted input and output."""
+    settings = lora.vera or VeRAConfig()
+    projections = projections_for([model.get_submodule(name) for name in targets], lora.r,
+                                  settings.projection_prng_key)
+    for name in targets:
+        wrap_module(model, name, "vera", projections=projections, dropout=lora.dropout, d_initial=settings.d_initial)
+    set_trainable(model)
 
 
 def target_settings(lora: LoRAConfig, targets: list[str]) -> dict[str, tuple[int, float]]:

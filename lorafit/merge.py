@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lorafit.adapter_io import ModuleAdapter, misfit_error, read_adapter
+from lorafit.adapter_io import SavedUpdate, misfit_error, read_adapter
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
@@ -112,7 +112,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
                        "only (load the model in transformers and save_pretrained it to convert)")
 
 
-def check_adapter_fits(updates: dict[str, ModuleAdapter], weight_files: list[Path], adapter_dir: Path) -> None:
+def check_adapter_fits(updates: dict[str, SavedUpdate], weight_files: list[Path], adapter_dir: Path) -> None:
     """Every adapted module must have a weight [out, in] matching B [out, r] @ A [r, in]; checked from headers."""
     shapes = {}
     for path in weight_files:
@@ -121,12 +121,10 @@ def check_adapter_fits(updates: dict[str, ModuleAdapter], weight_files: list[Pat
     problems = []
     for name, update in updates.items():
         shape = shapes.get(f"{name}.weight")
-        want = (update.lora_B.shape[0], update.lora_A.shape[1])
         if shape is None:
             problems.append(f"module {name}: no weight {name}.weight in the base checkpoint")
-        elif shape != want:
-            problems.append(f"module {name}: base weight is {list(shape)} (out, in) but the adapter has lora_A "
-                            f"{list(update.lora_A.shape)}, lora_B {list(update.lora_B.shape)}")
+        elif len(shape) != 2 or (problem := update.misfit(*shape)):
+            problems.append(f"module {name}: {problem if len(shape) == 2 else f'base weight is {list(shape)}'}")
     if problems:
         raise misfit_error(adapter_dir, problems)
 

@@ -89,9 +89,11 @@ def targeting_table(report: InjectionReport) -> Table:
     return table
 
 
-def _values(values: set[float]) -> str:
-    """A few values listed, many (per-layer ranks) as their range."""
-    ordered = sorted(values)
+def _values(values: set[float | None]) -> str:
+    """A few values listed, many (per-layer ranks) as their range; none (VeRA's alpha) as a dash."""
+    ordered = sorted(value for value in values if value is not None)
+    if not ordered:
+        return "—"
     if len(ordered) > 3:
         return f"{ordered[0]:g}–{ordered[-1]:g}"
     return ", ".join(f"{value:g}" for value in ordered)

@@ -1,0 +1,170 @@
+"""VeRA: projections bit-identical to PEFT's, the formula by hand, PEFT both ways, merge, a 4-bit base, a run."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, VeraConfig, get_peft_model
+
+from lorafit.adapter_io import load_adapter, save_adapter
+from lorafit.config import LoRAConfig, ModelConfig, load_recipe
+from lorafit.errors import LorafitError
+from lorafit.inject import adapters_to_float32, inject_lora, lora_modules
+from lorafit.merge import merge_adapter
+from lorafit.model import load_base_model
+from lorafit.train import train as run_training
+from lorafit.vera import VeRALinear
+
+from .conftest import ctrl_c_after_step, tiny_model, write_recipe
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]  # out/in differ: 32x32, 16x32, 32x64 -> projections for [32, 64]
+
+
+def perturb_lambdas(model, seed: int = 3) -> None:
+    """λ_b starts at zero (ΔW = 0); give both vectors values so the update matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.vera_lambda_b.copy_(torch.randn(module.vera_lambda_b.shape, generator=generator))
+            module.vera_lambda_d.add_(torch.randn(module.vera_lambda_d.shape, generator=generator))
+
+
+def peft_vera(model, **settings):
+    return get_peft_model(model, VeraConfig(r=4, target_modules=TARGETS, **settings))
+
+
+def ours_vera(**settings):
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(r=4, target_modules=TARGETS, variant="vera", **settings))
+    return model
+
+
+def test_projections_are_bit_identical_to_peft_for_the_same_key():
+    for key in (0, 1234):
+        theirs = peft_vera(tiny_model(), projection_prng_key=key)
+        ours = ours_vera(vera={"projection_prng_key": key})
+        projections = next(iter(lora_modules(ours).values())).projections
+        assert torch.equal(projections.vera_A, theirs.base_model.vera_A["default"])
+        assert torch.equal(projections.vera_B, theirs.base_model.vera_B["default"])
+        assert projections.vera_A.shape == (4, 64) and projections.vera_B.shape == (32, 4)
+    modules = list(lora_modules(ours).values())
+    assert all(m.projections is modules[0].projections for m in modules)  # one shared object
+
+
+def test_forward_is_the_formula_and_starts_as_the_base(input_ids):
+    model = ours_vera()
+    base = tiny_model()
+    torch.testing.assert_close(model(input_ids).logits, base(input_ids).logits, atol=0, rtol=0)  # λ_b = 0
+    layer = lora_modules(model)["model.layers.0.mlp.down_proj"]
+    assert torch.equal(layer.vera_lambda_d, torch.full((4,), 0.1)) and not layer.vera_lambda_b.any()
+    perturb_lambdas(model)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
+    A = layer.projections.vera_A[:, :64].double()
+    B = layer.projections.vera_B[:32].double()
+    by_hand = x.double() @ layer.base_layer.weight.double().T + \
+        layer.vera_lambda_b.double() * ((layer.vera_lambda_d.double() * (x.double() @ A.T)) @ B.T)
+    torch.testing.assert_close(layer(x).double(), by_hand, atol=1e-6, rtol=0)
+    merged = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), merged, atol=1e-5, rtol=0)  # merge == unmerged output
+    layer.unmerge()
+    assert sum(p.numel() for p in layer.adapter_params().values()) == 4 + 32  # r + out
+
+
+def test_lorafit_vera_adapter_loads_in_peft_with_same_logits_and_gradients(tmp_path, input_ids):
+    ours = ours_vera()
+    perturb_lambdas(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "VERA" and config["save_projection"] is True and config["r"] == 4
+    theirs = PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter", is_trainable=True)
+    ours_loss = ours(input_ids, labels=input_ids).loss
+    theirs_loss = theirs(input_ids, labels=input_ids).loss
+    torch.testing.assert_close(ours_loss, theirs_loss, atol=1e-5, rtol=0)
+    ours_loss.backward()
+    theirs_loss.backward()
+    peft_grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+                  for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, module in lora_modules(ours).items():
+        for part, param in module.adapter_params().items():
+            torch.testing.assert_close(param.grad, peft_grads[f"{name}.{part}"], atol=1e-6, rtol=1e-4)
+
+
+def test_peft_vera_adapter_loads_in_lorafit_and_merges_like_merge_and_unload(tmp_path, input_ids, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    theirs = peft_vera(tiny_model(), projection_prng_key=7)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "vera_lambda" in name:
+                param.add_(torch.randn(param.shape, generator=generator))
+    theirs.save_pretrained(tmp_path / "peft")
+    expected = theirs.eval()(input_ids).logits
+    assert not torch.allclose(expected, tiny_model()(input_ids).logits, atol=1e-3)  # the update matters
+    ours = tiny_model()
+    load_adapter(ours, tmp_path / "peft")
+    assert all(isinstance(m, VeRALinear) for m in lora_modules(ours).values())
+    torch.testing.assert_close(ours(input_ids).logits, expected, atol=1e-5, rtol=0)
+
+    merge_adapter(str(tiny_model_dir), tmp_path / "peft", tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    peft_merged = theirs.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids).logits, peft_merged(input_ids).logits, atol=1e-5, rtol=0)
+
+
+def test_adapter_without_projections_is_refused_with_the_fix(tmp_path):
+    peft_vera(tiny_model(), save_projection=False).save_pretrained(tmp_path / "peft")
+    with pytest.raises(LorafitError, match="save_projection=True"):
+        load_adapter(tiny_model(), tmp_path / "peft")
+
+
+def test_vera_over_a_4bit_base(tmp_path, input_ids):
+    pytest.importorskip("bitsandbytes")
+    folder = tmp_path / "tiny-64"
+    tiny_model(hidden_size=64, intermediate_size=128).save_pretrained(folder)
+    model = load_base_model(ModelConfig(base=str(folder), dtype="float32", quantize="4bit"), training=True)
+    inject_lora(model, LoRAConfig(r=4, variant="vera"))
+    adapters_to_float32(model)
+    perturb_lambdas(model)
+    model.train()
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert torch.isfinite(loss) and grads and all("vera_lambda" in n for n in grads)
+
+
+def test_settings_that_vera_would_ignore_are_errors():
+    with pytest.raises(ValueError, match="lora.alpha does not apply to variant: vera"):
+        LoRAConfig(variant="vera", alpha=8)
+    with pytest.raises(ValueError, match="lora.vera sets VeRA's options"):
+        LoRAConfig(vera={"d_initial": 0.5})
+
+
+def test_train_with_variant_vera_learns_and_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):
+    rows = [{"prompt": f"day {d}", "completion": f"2020-01-{d:02d}"} for d in range(1, 17)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def recipe(out):
+        text = f"""\
+model: {{base: {tiny_model_dir}, dtype: float32}}
+lora: {{r: 16, variant: vera}}
+data: {{train: {tmp_path / 'train.jsonl'}}}
+train: {{max_steps: 6, micro_batch_size: 8, lr: 5.0e-2, precision: "no", save_every: 3}}
+output: {{dir: {tmp_path / out}}}
+"""
+        return load_recipe(write_recipe(tmp_path / f"{out}.yaml", text))
+
+    def losses(out):
+        lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if '"train"' in x]
+
+    summary = run_training(recipe("straight"))
+    assert losses("straight")[-1] < losses("straight")[0]
+    # 14 layers: r + out each (q, o: 32; k, v: 16; gate, up: 64; down: 32), per decoder layer x 2
+    assert summary.report.trainable == 2 * (7 * 16 + 32 + 16 + 16 + 32 + 64 + 64 + 32)
+    assert load_recipe(tmp_path / "straight" / "recipe.yaml").lora.variant == "vera"
+    with ctrl_c_after_step(monkeypatch, 4), pytest.raises(LorafitError, match="interrupted after step 4"):
+        run_training(recipe("resumed"))
+    run_training(recipe("resumed"), resume="latest")
+    assert losses("resumed") == losses("straight")
