@@ -33,7 +33,8 @@ def eval_file(tmp_path) -> Path:
 
 def make_adapter(folder: Path, seed: int, variant: str = "lora") -> Path:
     model = tiny_model()
-    inject_lora(model, LoRAConfig(r=4, alpha=8, variant=variant))
+    settings = {} if variant == "vera" else {"alpha": 8}  # VeRA has no alpha
+    inject_lora(model, LoRAConfig(r=4, variant=variant, **settings))
     randomize_lora_B(model, seed=seed)
     return save_adapter(model, folder)
 
@@ -66,7 +67,7 @@ def test_eval_loss_equals_hand_computed_mean_token_loss(tiny_model_dir, eval_fil
     assert results[0].exact_match is None
 
 
-@pytest.mark.parametrize("second_variant", ["lora", "dora"])
+@pytest.mark.parametrize("second_variant", ["lora", "dora", "vera"])
 def test_two_adapters_in_one_run_equal_separate_runs(tmp_path, tiny_model_dir, eval_file, second_variant):
     first, second = make_adapter(tmp_path / "a1", seed=1), make_adapter(tmp_path / "a2", 2, second_variant)
     cfg = ModelConfig(base=str(tiny_model_dir), dtype="float32")
