@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorafit.adalora import AdaLoRASettings, adalora_delta
 from lorafit.dora import dora_merged_weight
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
@@ -120,7 +121,38 @@ class VeRAUpdate:
         return merged_weight(weight, delta, dtype)
 
 
-SavedUpdate = ModuleAdapter | VeRAUpdate
+@dataclass
+class AdaLoRAUpdate:
+    """One module's saved AdaLoRA triplets: the kept rows of A [k, in], E [k, 1], B [out, k], which of the
+    init_r triplets they are (``mask``), and the schedule the run used."""
+
+    lora_A: torch.Tensor
+    lora_E: torch.Tensor
+    lora_B: torch.Tensor
+    mask: torch.Tensor  # bool [init_r]
+    alpha: float
+    settings: AdaLoRASettings
+    variant: str = "adalora"
+
+    def layer_kwargs(self, dropout: float) -> dict[str, Any]:
+        return {"r": self.mask.numel(), "alpha": self.alpha, "settings": self.settings, "dropout": dropout}
+
+    def copy_into(self, module: AdapterLayer) -> None:
+        module.set_mask(self.mask)
+        module.load_saved({"lora_A": self.lora_A, "lora_E": self.lora_E, "lora_B": self.lora_B})
+
+    def misfit(self, out_features: int, in_features: int) -> str | None:
+        if self.lora_A.shape[1] == in_features and self.lora_B.shape[0] == out_features:
+            return None
+        return (f"adapter has lora_A {list(self.lora_A.shape)}, lora_B {list(self.lora_B.shape)}, but the base "
+                f"layer is [{out_features}, {in_features}] (out, in)")
+
+    def merged_weight(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        delta = adalora_delta(self.lora_A, self.lora_E, self.lora_B, self.alpha, float(self.mask.numel()))
+        return merged_weight(weight, delta, dtype)
+
+
+SavedUpdate = ModuleAdapter | VeRAUpdate | AdaLoRAUpdate
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | None = None) -> Path:
@@ -137,9 +169,9 @@ def write_adapter_files(model: nn.Module, folder: Path, base_model_name: str | N
         raise ValueError("save_adapter: the model has no adapter layers")
     variant = type(next(iter(modules.values())))
     tensors = {
-        f"{KEY_PREFIX}{name}.{part}": param.detach().contiguous().cpu()
+        f"{KEY_PREFIX}{name}.{part}": tensor.detach().contiguous().cpu()
         for name, module in modules.items()
-        for part, param in module.adapter_params().items()
+        for part, tensor in module.saved_tensors().items()
     }
     tensors.update({key: t.detach().contiguous().cpu() for key, t in variant.shared_tensors(modules).items()})
     save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -190,7 +222,8 @@ def read_adapter(adapter_dir: str | Path) -> dict[str, SavedUpdate]:
     """Module path -> its saved update, from an adapter folder (lorafit's or PEFT's), without a model."""
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
-    group = _group_vera_tensors if config.get("peft_type") == "VERA" else _group_tensors
+    groupers = {"VERA": _group_vera_tensors, "ADALORA": _group_adalora_tensors}
+    group = groupers.get(config.get("peft_type"), _group_tensors)
     return group(_read_weights(adapter_dir), config, adapter_dir)
 
 
@@ -202,10 +235,10 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise LorafitError(f"{path}: could not be read as JSON ({err})") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") not in ("LORA", "VERA"):
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") not in ("LORA", "VERA", "ADALORA"):
         kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise LorafitError(f"{path}: peft_type {kind!r} is not supported; lorafit loads LORA (incl. DoRA) and "
-                           "VERA adapters")
+        raise LorafitError(f"{path}: peft_type {kind!r} is not supported; lorafit loads LORA (incl. DoRA), "
+                           "VERA and ADALORA adapters")
     if config.get("peft_type") == "VERA" and not config.get("save_projection", True):
         raise LorafitError(f"{path}: a VeRA adapter saved without its projections (save_projection: false); "
                            "lorafit reads VeRA adapters that carry them: re-save it with save_projection=True")
@@ -305,6 +338,41 @@ def _group_vera_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any]
     return updates
 
 
+def _group_adalora_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], adapter_dir: Path
+                           ) -> dict[str, SavedUpdate]:
+    """``base_model.model.<path>.lora_A`` / ``lora_E`` / ``lora_B`` keys (the kept triplets) and the config's
+    ``rank_pattern`` (``<path>.lora_E`` -> a bool per initial triplet; absent: all kept)."""
+    where = adapter_dir / WEIGHTS_NAME
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.removeprefix(KEY_PREFIX).rpartition(".")
+        if not key.startswith(KEY_PREFIX) or part not in ("lora_A", "lora_E", "lora_B"):
+            raise LorafitError(f"{where}: unexpected tensor {key!r}; an AdaLoRA adapter holds "
+                               "base_model.model.<module>.lora_A / lora_E / lora_B")
+        parts.setdefault(name, {})[part] = tensor
+    if not parts:
+        raise LorafitError(f"{where}: holds no AdaLoRA layers")
+    init_r = int(config.get("init_r", 12))
+    settings = AdaLoRASettings(target_r=int(config.get("target_r", 8)), tinit=config.get("tinit"),
+                               tfinal=config.get("tfinal"), delta_t=int(config.get("deltaT", 1)),
+                               beta1=float(config.get("beta1", 0.85)), beta2=float(config.get("beta2", 0.85)),
+                               orth_reg_weight=float(config.get("orth_reg_weight", 0.5)),
+                               total_step=config.get("total_step"))
+    pattern = config.get("rank_pattern") or {}
+    updates = {}
+    for name, triplet in parts.items():
+        mask = torch.tensor(pattern.get(f"{name}.lora_E", [True] * init_r), dtype=torch.bool)
+        kept = int(mask.sum())
+        if set(triplet) != {"lora_A", "lora_E", "lora_B"} or mask.numel() != init_r \
+                or triplet["lora_A"].shape[0] != kept or triplet["lora_E"].shape != (kept, 1) \
+                or triplet["lora_B"].ndim != 2 or triplet["lora_B"].shape[1] != kept:
+            raise LorafitError(f"{where}: module {name} needs lora_A [k, in], lora_E [k, 1], lora_B [out, k] with "
+                               f"k = {kept}, the triplets its rank_pattern keeps of init_r = {init_r}")
+        updates[name] = AdaLoRAUpdate(triplet["lora_A"], triplet["lora_E"], triplet["lora_B"], mask,
+                                      float(config.get("lora_alpha", 8)), settings)
+    return updates
+
+
 def _check_fit(model: nn.Module, per_module: dict[str, SavedUpdate], adapter_dir: Path) -> None:
     problems = []
     for name, found in per_module.items():
@@ -333,13 +401,14 @@ def misfit_error(adapter_dir: Path, problems: list[str]) -> LorafitError:
 
 
 def restore_adapter_weights(model: nn.Module, folder: Path) -> None:
-    """Copy saved A/B weights into a model already injected with the same recipe (used by --resume)."""
+    """Copy saved adapter weights into a model already injected with the same recipe (used by --resume)."""
     tensors = _read_weights(folder)
     for name, module in lora_modules(model).items():
-        for part, param in module.adapter_params().items():
+        saved = {}
+        for part, expected in module.saved_tensors().items():
             key = f"{KEY_PREFIX}{name}.{part}"
-            if key not in tensors or tensors[key].shape != param.shape:
-                raise LorafitError(f"{folder}: checkpoint does not match this recipe's LoRA layers ({key}); "
+            if key not in tensors or tensors[key].shape != expected.shape:
+                raise LorafitError(f"{folder}: checkpoint does not match this recipe's adapter layers ({key}); "
                                    "resume with the recipe that wrote it")
-            with torch.no_grad():
-                param.copy_(tensors[key])
+            saved[part] = tensors[key]
+        module.load_saved(saved)

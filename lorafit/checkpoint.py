@@ -43,7 +43,7 @@ def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path
     return None, [out / name for name in existing]
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, recipe: Recipe, keep_last: int) -> Path:
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, recipe: Recipe, keep_last: int) -> Path:
     """OUT/checkpoints/step-NNNNNN: a loadable adapter plus the state to continue; written atomically."""
     final = out / "checkpoints" / f"step-{step:06d}"
     with atomic_dir(final) as tmp:
@@ -52,6 +52,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, recipe: R
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "hooks": hooks.state_dict(),  # the variant's loop state (AdaLoRA), {} for most
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
@@ -61,10 +62,11 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, recipe: R
     return final
 
 
-def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler) -> int:
-    restore_adapter_weights(model, checkpoint)
+def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler, hooks) -> int:
     # weights_only: the state is tensors, numbers and lists, so nothing executable is unpickled.
     state = torch.load(checkpoint / STATE_NAME, weights_only=True)
+    hooks.load_state_dict(state.get("hooks", {}))  # first: AdaLoRA's masks decide what the adapter file holds
+    restore_adapter_weights(model, checkpoint)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])

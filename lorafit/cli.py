@@ -29,7 +29,8 @@ console = Console()
 error_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
 VARIANT_NAMES = {"lora": "LoRA", "dora": "DoRA (LoRA + a magnitude per output row)",
-                 "vera": "VeRA (trainable scaling vectors over shared random projections)"}
+                 "vera": "VeRA (trainable scaling vectors over shared random projections)",
+                 "adalora": "AdaLoRA (SVD-shaped triplets pruned to a budget while training)"}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see configs/).", show_default=False)]
 SetOption = Annotated[
@@ -115,12 +116,17 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
 
 def _variant_line(lora) -> str:
     """The variant and its settings, as ``plan`` prints them."""
+    from lorafit.config import AdaLoRAConfig
     from lorafit.lora import lora_scaling
 
     if lora.variant == "vera":
         key = lora.vera.projection_prng_key if lora.vera else 0
         return (f"{VARIANT_NAMES['vera']} r={lora.r} (shared frozen projections, seed {key}) "
                 f"dropout={lora.dropout:g}")
+    if lora.variant == "adalora":
+        options = lora.adalora or AdaLoRAConfig()
+        return (f"{VARIANT_NAMES['adalora']}: r={options.initial_rank(lora.r)} per layer at start, budget falling "
+                f"to r={lora.r} per layer; alpha={lora.alpha:g} dropout={lora.dropout:g}")
     scaling = lora_scaling(lora.r, lora.alpha, lora.use_rslora)
     return (f"{VARIANT_NAMES[lora.variant]} r={lora.r} alpha={lora.alpha:g} scaling={scaling:g}"
             f"{' (rsLoRA: alpha/sqrt(r))' if lora.use_rslora else ''} dropout={lora.dropout:g}"

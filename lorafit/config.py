@@ -80,6 +80,21 @@ class VeRAConfig(_Section):
     d_initial: float = Field(0.1, gt=0)  # λ_d's start value (PEFT's default)
 
 
+class AdaLoRAConfig(_Section):
+    """AdaLoRA's schedule (lorafit/adalora.py), PEFT's names; lora.r is the target rank. total_step is the run's."""
+
+    init_r: int | None = Field(None, ge=1)  # initial rank per layer; null: 1.5 x lora.r, rounded up
+    tinit: int | None = Field(None, ge=0)  # steps before the budget starts falling; null: 10% of the run
+    tfinal: int | None = Field(None, ge=0)  # steps at the final budget; null: 20% of the run
+    deltaT: int = Field(1, ge=1)  # noqa: N815 (PEFT's name) -- mask every deltaT steps while the budget falls
+    beta1: float = Field(0.85, gt=0, lt=1)  # EMA of the sensitivity
+    beta2: float = Field(0.85, gt=0, lt=1)  # EMA of its uncertainty
+    orth_reg_weight: float = Field(0.5, ge=0)  # weight of the orthogonality penalty
+
+    def initial_rank(self, target_r: int) -> int:
+        return self.init_r if self.init_r is not None else -(-3 * target_r // 2)
+
+
 class LoRAConfig(_Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
@@ -89,7 +104,8 @@ class LoRAConfig(_Section):
     init: Literal["kaiming", "gaussian"] = "kaiming"
     # dora: a trainable magnitude per output row (lorafit/dora.py); vera: shared frozen random projections
     # and two trainable vectors per layer (lorafit/vera.py)
-    variant: Literal["lora", "dora", "vera"] = "lora"
+    # adalora: SVD-shaped triplets whose budget falls from init_r to r per layer (lorafit/adalora.py)
+    variant: Literal["lora", "dora", "vera", "adalora"] = "lora"
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r (rank-stabilized LoRA)
     # PEFT semantics: each key is a regex matched against the end of a targeted module's path
     # (re.match(rf"(.*\.)?({key})$", name)); the first key that matches gives that module its r / alpha.
@@ -97,20 +113,24 @@ class LoRAConfig(_Section):
     alpha_pattern: dict[PatternKey, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     rank_allocation: RankAllocationConfig | None = None
     vera: VeRAConfig | None = None  # variant: vera only; null = the defaults
+    adalora: AdaLoRAConfig | None = None  # variant: adalora only; null = the defaults
 
     @model_validator(mode="after")
     def _settings_fit_the_variant(self) -> LoRAConfig:
         # A setting the variant would ignore is a mistake to report, not to train through silently.
-        if self.vera is not None and self.variant != "vera":
-            raise ValueError(f"lora.vera sets VeRA's options, but lora.variant is {self.variant!r}: "
-                             "set variant: vera, or remove the vera block")
-        if self.variant == "vera":
-            ignored = [key for key in ("alpha", "use_rslora", "rank_pattern", "alpha_pattern", "rank_allocation",
-                                       "init")
-                       if getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True)]
-            if ignored:
-                raise ValueError(f"lora.{ignored[0]} does not apply to variant: vera (one shared rank lora.r, no "
-                                 "alpha scaling, its own init); leave it at its default")
+        for block in ("vera", "adalora"):
+            if getattr(self, block) is not None and self.variant != block:
+                raise ValueError(f"lora.{block} sets options of variant {block}, but lora.variant is "
+                                 f"{self.variant!r}: set variant: {block}, or remove the {block} block")
+        ignored_by = {"vera": ("alpha", "use_rslora", "rank_pattern", "alpha_pattern", "rank_allocation", "init"),
+                      "adalora": ("use_rslora", "rank_pattern", "alpha_pattern", "rank_allocation", "init")}
+        ignored = [key for key in ignored_by.get(self.variant, ())
+                   if getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True)]
+        if self.variant == "adalora" and (self.adalora or AdaLoRAConfig()).initial_rank(self.r) < self.r:
+            raise ValueError(f"lora.adalora.init_r must be at least lora.r ({self.r}), the rank AdaLoRA prunes down to")
+        if ignored:
+            raise ValueError(f"lora.{ignored[0]} does not apply to variant: {self.variant} (it sets ranks, scaling "
+                             "and init its own way); leave it at its default")
         return self
 
     @field_validator("target_modules", mode="before")

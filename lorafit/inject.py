@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lorafit.config import LoRAConfig, RegexTarget, TargetModules, VeRAConfig
+from lorafit.adalora import AdaLoRALinear, AdaLoRASettings
+from lorafit.config import AdaLoRAConfig, LoRAConfig, RegexTarget, TargetModules, VeRAConfig
 from lorafit.dora import DoRALinear
 from lorafit.errors import LorafitError
 from lorafit.lora import AdapterLayer, LoRALinear, TrainingHooks
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
     from lorafit.eva import RankAllocation
 
 # lora.variant -> the layer class that implements it; every variant is an AdapterLayer.
-VARIANTS: dict[str, type[AdapterLayer]] = {"lora": LoRALinear, "dora": DoRALinear, "vera": VeRALinear}
+VARIANTS: dict[str, type[AdapterLayer]] = {"lora": LoRALinear, "dora": DoRALinear, "vera": VeRALinear,
+                                          "adalora": AdaLoRALinear}
 # Decoder blocks live under one of these containers in nearly every HF causal LM ("model.layers.3.").
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
 
@@ -76,8 +78,8 @@ def inject_lora(model: nn.Module, lora: LoRAConfig, allocation: RankAllocation |
     """
     targets = find_targets(model, lora.target_modules, lora.layers)
     check_patterns_used(lora, targets)
-    if lora.variant == "vera":
-        _inject_vera(model, lora, targets)
+    if lora.variant in ("vera", "adalora"):
+        (_inject_vera if lora.variant == "vera" else _inject_adalora)(model, lora, targets)
         return injection_report(model)
     for name, (r, alpha) in target_settings(lora, targets).items():
         if allocation is not None:
@@ -100,6 +102,17 @@ def _inject_vera(model: nn.Module, lora: LoRAConfig, targets: list[str]) -> None
                                   settings.projection_prng_key)
     for name in targets:
         wrap_module(model, name, "vera", projections=projections, dropout=lora.dropout, d_initial=settings.d_initial)
+    set_trainable(model)
+
+
+def _inject_adalora(model: nn.Module, lora: LoRAConfig, targets: list[str]) -> None:
+    """AdaLoRA layers start at init_r triplets and share one schedule, whose total_step the loop fills in."""
+    options = lora.adalora or AdaLoRAConfig()
+    settings = AdaLoRASettings(target_r=lora.r, tinit=options.tinit, tfinal=options.tfinal, delta_t=options.deltaT,
+                               beta1=options.beta1, beta2=options.beta2, orth_reg_weight=options.orth_reg_weight)
+    for name in targets:
+        wrap_module(model, name, "adalora", r=options.initial_rank(lora.r), alpha=lora.alpha, settings=settings,
+                    dropout=lora.dropout)
     set_trainable(model)
 
 

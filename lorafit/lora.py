@@ -58,6 +58,13 @@ class TrainingHooks:
     def on_step_end(self, step: int) -> None:
         return None
 
+    def state_dict(self) -> dict[str, Any]:
+        """What an exact resume needs beyond the adapter, optimizer and schedule (AdaLoRA's scores)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
 
 class AdapterLayer(nn.Module):
     """A frozen ``base_layer`` plus a variant's trainable update; every variant (LoRA, DoRA, VeRA) is one.
@@ -109,6 +116,16 @@ class AdapterLayer(nn.Module):
     def unmerged_weight_from(self, merged: torch.Tensor) -> torch.Tensor:
         """The base weight back from ``merged_weight_from``'s result."""
         raise NotImplementedError
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """What the adapter file holds for this layer, by part name: its parameters (AdaLoRA: sliced)."""
+        return dict(self.adapter_params())
+
+    @torch.no_grad()
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of ``saved_tensors``: copy a file's tensors into this layer."""
+        for part, param in self.adapter_params().items():
+            param.copy_(tensors[part])
 
     @classmethod
     def peft_config(cls, modules: dict[str, AdapterLayer]) -> dict[str, Any]:

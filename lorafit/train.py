@@ -98,7 +98,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
 
     start_step = 0
     if checkpoint is not None:
-        start_step = restore_checkpoint(checkpoint, model, optimizer, scheduler)
+        start_step = restore_checkpoint(checkpoint, model, optimizer, scheduler, hooks)
         truncate_metrics(out / "metrics.jsonl", start_step)
         console.print(f"resumed from {checkpoint} at step {start_step}")
     else:
@@ -130,7 +130,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
         for step in range(start_step + 1, total_steps + 1):
             # Ctrl-C: the previous step is complete, so checkpoint it and stop.
             if stop.requested:
-                path = save_checkpoint(out, step - 1, model, optimizer, scheduler, recipe, cfg.keep_last)
+                path = save_checkpoint(out, step - 1, model, optimizer, scheduler, hooks, recipe, cfg.keep_last)
                 raise LorafitError(f"interrupted after step {step - 1}; checkpoint saved to {path}. "
                                    f"Continue with: lorafit train RECIPE --resume")
             # Step: forward/backward over grad_accum micro-batches, clip, optimizer and schedule.
@@ -150,7 +150,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
                 progress.console.print(f"step {step} eval loss {eval_loss:.4f}")
             # Save: every save_every steps (the end writes the final adapter instead).
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_checkpoint(out, step, model, optimizer, scheduler, recipe, cfg.keep_last)
+                save_checkpoint(out, step, model, optimizer, scheduler, hooks, recipe, cfg.keep_last)
 
     adapter_dir = save_adapter(accelerator.unwrap_model(model), out / "adapter", recipe.model.base)
     plot_losses(out / "metrics.jsonl", out / "loss.png")

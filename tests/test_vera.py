@@ -137,7 +137,7 @@ def test_vera_over_a_4bit_base(tmp_path, input_ids):
 def test_settings_that_vera_would_ignore_are_errors():
     with pytest.raises(ValueError, match="lora.alpha does not apply to variant: vera"):
         LoRAConfig(variant="vera", alpha=8)
-    with pytest.raises(ValueError, match="lora.vera sets VeRA's options"):
+    with pytest.raises(ValueError, match="lora.vera sets options of variant vera"):
         LoRAConfig(vera={"d_initial": 0.5})
 
 

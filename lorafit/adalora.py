@@ -1,0 +1,246 @@
+"""AdaLoRA (adaptive budget allocation, Zhang et al. 2023), computed as PEFT's ``tuners/adalora`` computes it.
+
+Each layer holds an SVD-shaped update of ``init_r`` triplets, A [r, in], E [r, 1], B [out, r]:
+
+    ΔW = B · (A ⊙ E) · alpha / (init_r + 1e-5)         E starts at 0 (ΔW = 0); A, B ~ N(0, 0.02)
+
+During training a rank allocator scores every triplet i of every layer by the EMA-smoothed sensitivity
+|θ·∇θ| of its entries times that sensitivity's uncertainty (β1, β2), and keeps only the best ones: the
+budget falls from init_r·n to target_r·n (n layers) on a cubic schedule between step ``tinit`` and
+``total_step − tfinal``, masking (E_i = 0) every ``deltaT`` steps, then stays fixed. An orthogonality
+penalty, orth_reg_weight · mean over A and B of ‖PPᵀ − I‖_F, joins the loss. Saved in PEFT's format:
+``peft_type: ADALORA``, tensors ``…lora_A`` / ``…lora_E`` / ``…lora_B`` (no ``.weight``) sliced to the kept
+triplets, and ``rank_pattern`` holding each layer's boolean mask over init_r.
+
+Steps here count optimizer steps from 1, so the last step is ``total_step`` and, with tfinal = 0, the
+final budget is enforced on it (PEFT's loop examples count from 0 and then never reach that point).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafit.errors import LorafitError
+from lorafit.lora import AdapterLayer, TrainingHooks, merged_weight
+
+RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
+
+
+@dataclass
+class AdaLoRASettings:
+    """The schedule every AdaLoRA layer of a model shares (one object). ``tinit`` / ``tfinal`` None: 10% /
+    20% of the run's steps, filled in with ``total_step`` when training starts."""
+
+    target_r: int
+    tinit: int | None = None
+    tfinal: int | None = None
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+
+    def resolve(self, total_step: int) -> None:
+        self.total_step = total_step
+        self.tinit = total_step // 10 if self.tinit is None else self.tinit
+        self.tfinal = total_step // 5 if self.tfinal is None else self.tfinal
+        if self.tinit >= total_step - self.tfinal:
+            raise LorafitError(f"lora.adalora: tinit={self.tinit} and tfinal={self.tfinal} leave no budgeting phase "
+                               f"in {total_step} steps (need tinit < total steps - tfinal); lower them or train longer")
+
+
+def adalora_delta(lora_A: torch.Tensor, lora_E: torch.Tensor, lora_B: torch.Tensor, alpha: float,
+                  ranknum: float) -> torch.Tensor:
+    """B · (A ⊙ E) · alpha / (ranknum + 1e-5) as an fp32 [out, in] matrix. Pure."""
+    return lora_B.float() @ (lora_A.float() * lora_E.float()) * alpha / (ranknum + RANKNUM_EPS)
+
+
+class AdaLoRALinear(AdapterLayer):
+    """A frozen linear layer plus AdaLoRA's triplets; see the module docstring. ``r`` is the initial rank."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, settings: AdaLoRASettings,
+                 dropout: float = 0.0) -> None:
+        super().__init__(base_layer, dropout)
+        self.r, self.alpha, self.settings = r, alpha, settings
+        device, dtype = base_layer.weight.device, self.adapter_dtype
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype).normal_(0, 0.02))
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype).normal_(0, 0.02))
+        # The scaling divides by the initial rank for good, masked triplets or not (as PEFT's ranknum).
+        self.ranknum = float(r)
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=device))  # kept triplets
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.ranknum + RANKNUM_EPS)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (..., out); a 4-bit base may keep it for backward: add out of place
+        dtype = result.dtype
+        down = F.linear(self.lora_dropout(x).to(dtype), (self.lora_A * self.lora_E).to(dtype))  # (..., r)
+        return result + F.linear(down, self.lora_B.to(dtype)) * self.alpha / (self.ranknum + RANKNUM_EPS)
+
+    def delta_weight(self) -> torch.Tensor:
+        return adalora_delta(self.lora_A, self.lora_E, self.lora_B, self.alpha, self.ranknum)
+
+    def merged_weight_from(self, weight: torch.Tensor) -> torch.Tensor:
+        return merged_weight(weight, self.delta_weight())
+
+    def unmerged_weight_from(self, merged: torch.Tensor) -> torch.Tensor:
+        return merged_weight(merged, -self.delta_weight())
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_E": self.lora_E, "lora_B": self.lora_B}
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The kept triplets only, as PEFT saves them: A [k, in], E [k, 1], B [out, k]."""
+        keep = self.rank_mask
+        return {"lora_A": self.lora_A[keep], "lora_E": self.lora_E[keep], "lora_B": self.lora_B[:, keep]}
+
+    @torch.no_grad()
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Kept triplets back into place; the others stay as they are (zero E: no contribution)."""
+        keep = self.rank_mask
+        self.lora_A[keep] = tensors["lora_A"].to(self.lora_A.dtype)
+        self.lora_E[keep] = tensors["lora_E"].to(self.lora_E.dtype)
+        self.lora_B[:, keep] = tensors["lora_B"].to(self.lora_B.dtype)
+
+    @torch.no_grad()
+    def set_mask(self, keep: torch.Tensor) -> None:
+        """Keep only these triplets (bool [r]): the others' E becomes 0."""
+        self.rank_mask.copy_(keep)
+        self.lora_E.masked_fill_(~keep[:, None], 0.0)
+
+    @classmethod
+    def peft_config(cls, modules: dict[str, AdapterLayer]) -> dict[str, Any]:
+        first = next(iter(modules.values()))
+        settings = first.settings
+        dropouts = {m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in modules.values()}
+        return {
+            "peft_type": "ADALORA",
+            "r": 8,  # PEFT ignores r for AdaLoRA (and warns when it is not its default)
+            "init_r": first.r,
+            "target_r": settings.target_r,
+            "lora_alpha": first.alpha,
+            "lora_dropout": max(dropouts),
+            "tinit": settings.tinit,
+            "tfinal": settings.tfinal,
+            "deltaT": settings.delta_t,
+            "beta1": settings.beta1,
+            "beta2": settings.beta2,
+            "orth_reg_weight": settings.orth_reg_weight,
+            "total_step": settings.total_step,
+            "rank_pattern": {f"{name}.lora_E": m.rank_mask.tolist() for name, m in modules.items()},
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "use_rslora": False,
+            "use_dora": False,
+        }
+
+
+class RankAllocator(TrainingHooks):
+    """AdaLoRA's loop hooks: the orthogonality penalty, and after each optimizer step the importance
+    scores and the budget schedule (PEFT's RankAllocator and AdaLoraModel.update_and_allocate)."""
+
+    def __init__(self, modules: dict[str, AdapterLayer], total_steps: int) -> None:
+        super().__init__(modules, total_steps)
+        self.settings: AdaLoRASettings = next(iter(modules.values())).settings
+        self.settings.resolve(total_steps)
+        self.init_budget = sum(m.r for m in modules.values())
+        self.target_budget = self.settings.target_r * len(modules)
+        self.scores: dict[str, dict[str, torch.Tensor]] = {}  # "name.part" -> ipt, exp_avg_ipt, exp_avg_unc
+
+    def regularization(self) -> torch.Tensor:
+        """orth_reg_weight · mean over every A and B of ‖P·Pᵀ − I‖_F (A·Aᵀ, Bᵀ·B: [r, r])."""
+        norms = []
+        for module in self.modules.values():
+            for gram in (module.lora_A @ module.lora_A.T, module.lora_B.T @ module.lora_B):
+                eye = torch.eye(*gram.shape, dtype=gram.dtype, device=gram.device)
+                norms.append(torch.linalg.matrix_norm(gram - eye))
+        return self.settings.orth_reg_weight * torch.stack(norms).mean()
+
+    def budget_schedule(self, step: int) -> tuple[int, bool]:
+        """(budget, whether to mask now) after optimizer step ``step``: PEFT's cubic schedule."""
+        s = self.settings
+        if step <= s.tinit:
+            return self.init_budget, False
+        if step > s.total_step - s.tfinal:
+            return self.target_budget, True
+        remaining = 1 - (step - s.tinit) / (s.total_step - s.tfinal - s.tinit)
+        budget = int((self.init_budget - self.target_budget) * (remaining**3) + self.target_budget)
+        return budget, step % s.delta_t == 0
+
+    @torch.no_grad()
+    def on_step_end(self, step: int) -> None:
+        final = self.settings.total_step - self.settings.tfinal
+        if step < final:
+            self._update_scores()
+            budget, mask_now = self.budget_schedule(step)
+            if mask_now:
+                self._mask_to(budget)
+        elif step == final:
+            self._mask_to(self.budget_schedule(step)[0])
+            self.scores = {}
+        else:  # after the final allocation the masks are fixed; revived triplets are zeroed again
+            for module in self.modules.values():
+                module.set_mask(module.rank_mask.clone())
+
+    def _update_scores(self) -> None:
+        """Per entry: sensitivity |θ·∇θ|, its EMA (β1), and the EMA (β2) of its deviation from that EMA."""
+        b1, b2 = self.settings.beta1, self.settings.beta2
+        for name, module in self.modules.items():
+            for part, param in module.adapter_params().items():
+                state = self.scores.setdefault(f"{name}.{part}", {
+                    key: torch.zeros_like(param) for key in ("ipt", "exp_avg_ipt", "exp_avg_unc")})
+                ipt = (param * param.grad).abs()
+                state["ipt"] = ipt
+                state["exp_avg_ipt"] = b1 * state["exp_avg_ipt"] + (1 - b1) * ipt
+                state["exp_avg_unc"] = b2 * state["exp_avg_unc"] + (1 - b2) * (ipt - state["exp_avg_ipt"]).abs()
+
+    def _triplet_scores(self, name: str) -> torch.Tensor:
+        """[r]: E's score plus the mean scores of A's row and B's column of each triplet."""
+        def score(part: str) -> torch.Tensor:
+            state = self.scores[f"{name}.{part}"]
+            return state["exp_avg_ipt"] * state["exp_avg_unc"]
+
+        from_a = score("lora_A").mean(dim=1, keepdim=True)  # [r, 1]
+        from_b = score("lora_B").mean(dim=0).view(-1, 1)  # [r, 1]
+        return score("lora_E").view(-1) + torch.cat([from_a, from_b], dim=1).sum(dim=1)
+
+    def _mask_to(self, budget: int) -> None:
+        """Keep the ``budget`` best-scoring triplets over all layers (ties at the threshold are dropped)."""
+        if budget >= self.init_budget:
+            return
+        triplets = {name: self._triplet_scores(name) for name in self.modules}
+        threshold = torch.kthvalue(torch.cat(list(triplets.values())), k=self.init_budget - budget)[0].item()
+        for name, module in self.modules.items():
+            module.set_mask(triplets[name] > threshold)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs that the saved adapter lacks: scores, masks, and the full
+        A, E, B (the adapter keeps only the kept triplets; the others still train)."""
+        return {"scores": self.scores,
+                "layers": {name: {"mask": m.rank_mask.clone(), **{k: p.detach().clone()
+                                                                    for k, p in m.adapter_params().items()}}
+                           for name, m in self.modules.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scores = state["scores"]
+        for name, module in self.modules.items():
+            saved = state["layers"][name]
+            module.rank_mask.copy_(saved["mask"])
+            for part, param in module.adapter_params().items():
+                param.copy_(saved[part])
+
+
+AdaLoRALinear.training_hooks = RankAllocator
