@@ -75,6 +75,12 @@ class AdaLoRALinear(AdapterLayer):
         self.ranknum = float(r)
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=device))  # kept triplets
 
+    adaptive_rank = True
+
+    @property
+    def trained_rank(self) -> int:
+        return int(self.rank_mask.sum())
+
     @property
     def scaling(self) -> float:
         return self.alpha / (self.ranknum + RANKNUM_EPS)

@@ -23,7 +23,7 @@ from lorafit.files import atomic_dir
 
 STATE_NAME = "training_state.pt"
 ALLOCATION_NAME = "rank_allocation.json"
-RESULT_NAMES = ("recipe.yaml", ALLOCATION_NAME, "metrics.jsonl", "loss.png", "adapter", "checkpoints")
+RESULT_NAMES = ("recipe.yaml", ALLOCATION_NAME, "metrics.jsonl", "loss.png", "ranks.png", "adapter", "checkpoints")
 
 
 def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path | None, list[Path]]:

@@ -17,7 +17,7 @@ from rich.markup import escape
 from lorafit import __version__
 from lorafit.config import DEFAULT_BASE
 from lorafit.errors import LorafitError
-from lorafit.report import allocation_table, eval_table, memory_estimate, summary_table, targeting_table
+from lorafit.report import allocation_table, eval_table, memory_estimate, rank_table, summary_table, targeting_table
 
 app = typer.Typer(
     help="Fine-tune Hugging Face causal language models with LoRA from one YAML recipe.",
@@ -265,3 +265,6 @@ def train(
     loaded = load_recipe(recipe, overrides)
     summary = run_training(loaded, str(resume_from) if resume_from else ("latest" if resume else None), console)
     console.print(summary_table(summary))
+    if summary.ranks is not None:
+        console.print(rank_table(summary.ranks, f"rank per module at the end ({sum(summary.ranks.values())} in all; "
+                                                "heat map: OUT/ranks.png)"))

@@ -79,6 +79,12 @@ class AdapterLayer(nn.Module):
     training_hooks: type[TrainingHooks] = TrainingHooks
     r: int
     alpha: float | None = None  # variants without a LoRA scaling (VeRA) have none
+    adaptive_rank = False  # True where training itself decides the rank (AdaLoRA)
+
+    @property
+    def trained_rank(self) -> int:
+        """The rank this layer's update has now (AdaLoRA: its kept triplets)."""
+        return self.r
 
     def __init__(self, base_layer: nn.Module, dropout: float = 0.0) -> None:
         super().__init__()

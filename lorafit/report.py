@@ -39,6 +39,7 @@ class RunSummary:
     report: InjectionReport
     train_data: TokenizedData
     eval_data: TokenizedData | None
+    ranks: dict[str, int] | None = None  # final rank per module, when the run chose them (EVA, AdaLoRA)
 
 
 class MetricsLog:
@@ -100,27 +101,64 @@ def _values(values: set[float | None]) -> str:
 
 
 def allocation_table(allocation: RankAllocation, settings: RankAllocationConfig) -> Table:
-    """The allocated rank of every targeted module: one row per decoder layer, one column per module kind."""
-    from lorafit.inject import layer_index
-
-    kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in allocation.ranks))
-    rows: dict[str, dict[str, int]] = {}
-    for name, rank in allocation.ranks.items():
-        index = layer_index(name)
-        rows.setdefault(name.rsplit(".", 1)[0] if index is None else str(index), {})[name.rsplit(".", 1)[-1]] = rank
+    """The allocated rank of every targeted module, with how the allocation went in the title."""
     spent = sum(allocation.ranks.values())
     unadapted = sum(rank == 0 for rank in allocation.ranks.values())
     converged = ("all converged" if not allocation.unconverged
                  else f"{len(allocation.unconverged)} modules not converged at max_batches")
-    table = Table(title=f"rank allocation ({settings.method}, rho={settings.rho:g}): {spent} of budget "
-                        f"{allocation.budget} over {len(allocation.ranks)} modules, {unadapted} left unadapted; "
-                        f"{allocation.batches} batches, {converged}", title_justify="left")
+    return rank_table(allocation.ranks, f"rank allocation ({settings.method}, rho={settings.rho:g}): {spent} of "
+                                        f"budget {allocation.budget} over {len(allocation.ranks)} modules, "
+                                        f"{unadapted} left unadapted; {allocation.batches} batches, {converged}")
+
+
+def rank_grid(ranks: dict[str, int]) -> tuple[list[str], list[str], list[list[int | None]]]:
+    """(layer labels, module kinds, rank per layer x kind; None where a layer has no such module)."""
+    from lorafit.inject import layer_index
+
+    kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in ranks))
+    rows: dict[str, dict[str, int]] = {}
+    for name, rank in ranks.items():
+        index = layer_index(name)
+        rows.setdefault(name.rsplit(".", 1)[0] if index is None else str(index), {})[name.rsplit(".", 1)[-1]] = rank
+    return list(rows), kinds, [[row.get(kind) for kind in kinds] for row in rows.values()]
+
+
+def rank_table(ranks: dict[str, int], title: str) -> Table:
+    """Rank per targeted module: one row per decoder layer, one column per module kind."""
+    layers, kinds, grid = rank_grid(ranks)
+    table = Table(title=title, title_justify="left")
     table.add_column("layer")
     for kind in kinds:
         table.add_column(kind, justify="right")
-    for layer, ranks in rows.items():
-        table.add_row(layer, *(str(ranks.get(kind, "")) for kind in kinds))
+    for layer, row in zip(layers, grid, strict=True):
+        table.add_row(layer, *("" if rank is None else str(rank) for rank in row))
     return table
+
+
+def plot_ranks(ranks: dict[str, int], png_path: Path, title: str) -> None:
+    """A heat map of rank per layer (rows) x module kind (columns), each cell labelled with its rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers, kinds, grid = rank_grid(ranks)
+    values = np.array([[np.nan if rank is None else rank for rank in row] for row in grid], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.2 + 0.28 * len(layers)))
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_ylabel("layer")
+    for (row, col), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            ax.text(col, row, f"{value:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if value < np.nanmax(values) / 2 else "black")
+    fig.colorbar(image, ax=ax, label="rank")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
 
 
 def eval_table(results: list[EvalResult]) -> Table:

@@ -35,7 +35,7 @@ from lorafit.config import LoRAConfig, Recipe
 from lorafit.data import Batches, TokenizedData, load_tokenized, pack, split_validation
 from lorafit.errors import LorafitError
 from lorafit.eva import RankAllocation, allocate_ranks
-from lorafit.inject import adapters_to_float32, inject_lora, training_hooks
+from lorafit.inject import adapters_to_float32, inject_lora, lora_modules, training_hooks
 from lorafit.lora import TrainingHooks
 from lorafit.loss import evaluate_loss, token_loss_sum, trained_positions
 from lorafit.model import compile_layers, load_base_model, load_tokenizer
@@ -46,6 +46,7 @@ from lorafit.report import (
     make_progress,
     peak_memory,
     plot_losses,
+    plot_ranks,
     report_data,
     targeting_table,
 )
@@ -154,12 +155,16 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
 
     adapter_dir = save_adapter(accelerator.unwrap_model(model), out / "adapter", recipe.model.base)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
+    ranks = chosen_ranks(accelerator.unwrap_model(model), allocation)
+    if ranks is not None:
+        plot_ranks(ranks, out / "ranks.png", f"rank per module: {sum(ranks.values())} in all "
+                                              f"({'EVA allocation' if allocation else 'kept after pruning'})")
     return RunSummary(
         adapter_dir=adapter_dir, steps=total_steps, train_loss=done.loss, eval_loss=eval_loss,
         base_eval_loss=base_eval_loss, wall_seconds=time.perf_counter() - started,
         tokens_per_second=done.tokens / done.seconds if done.seconds else 0.0,
         peak_memory_bytes=peak_memory(accelerator.device), report=report,
-        train_data=train_data, eval_data=eval_data,
+        train_data=train_data, eval_data=eval_data, ranks=ranks,
     )
 
 
@@ -188,6 +193,17 @@ def rank_allocation(model, lora: LoRAConfig, batches: Batches, device: torch.dev
         allocation = allocate_ranks(model, lora, lambda position: batches.get(position)[0])
     console.print(allocation_table(allocation, lora.rank_allocation))
     return allocation
+
+
+def chosen_ranks(model, allocation: RankAllocation | None) -> dict[str, int] | None:
+    """Each targeted module's final rank where the run chose it — an allocation before training (0: not
+    adapted) or the variant during training (AdaLoRA's kept triplets) — else None."""
+    modules = lora_modules(model)
+    if allocation is None and not any(module.adaptive_rank for module in modules.values()):
+        return None
+    ranks = dict(allocation.ranks) if allocation is not None else {}
+    ranks.update({name: module.trained_rank for name, module in modules.items()})
+    return ranks
 
 
 @dataclass(frozen=True)

@@ -98,13 +98,14 @@ def input_ids() -> torch.Tensor:
 
 
 def randomize_lora_B(model: torch.nn.Module, seed: int = 3) -> None:
-    """B (VeRA: λ_b) starts at zero; give it values so the adapter actually changes the outputs under test."""
+    """B (VeRA: λ_b, AdaLoRA: E) starts at zero; give it values so the adapter changes the outputs under test."""
     from lorafit.inject import lora_modules
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in lora_modules(model).values():
-            zero = module.vera_lambda_b if hasattr(module, "vera_lambda_b") else module.lora_B.weight
+            zero = (module.vera_lambda_b if hasattr(module, "vera_lambda_b") else
+                    module.lora_E if hasattr(module, "lora_E") else module.lora_B.weight)
             zero.copy_(torch.randn(zero.shape, generator=generator) * 0.1)
 
 

@@ -154,6 +154,27 @@ def test_files_both_ways_with_a_layer_that_keeps_nothing(tmp_path, input_ids, ti
                                atol=1e-5, rtol=0)
 
 
+def test_adalora_over_a_4bit_base(tmp_path, input_ids):
+    pytest.importorskip("bitsandbytes")
+    from lorafit.config import ModelConfig
+    from lorafit.inject import adapters_to_float32
+    from lorafit.model import load_base_model
+
+    folder = tmp_path / "tiny-64"
+    tiny_model(hidden_size=64, intermediate_size=128).save_pretrained(folder)
+    model = load_base_model(ModelConfig(base=str(folder), dtype="float32", quantize="4bit"), training=True)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, variant="adalora"))
+    adapters_to_float32(model)
+    hooks = training_hooks(model, 10)
+    perturb(model)
+    model.train()
+    (model(input_ids, labels=input_ids).loss + hooks.regularization()).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert {n.rsplit(".", 1)[-1] for n in grads} == {"lora_A", "lora_E", "lora_B"}  # adapter only, all three
+    hooks.on_step_end(2)  # scores from the 4-bit model's gradients, and a masking step
+    assert sum(m.trained_rank for m in lora_modules(model).values()) < hooks.init_budget
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="init_r must be at least lora.r"):
         LoRAConfig(r=8, variant="adalora", adalora={"init_r": 4})
@@ -181,11 +202,14 @@ output: {{dir: {tmp_path / out}}}
         lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
         return [json.loads(x)["loss"] for x in lines if '"train"' in x]
 
-    run_training(recipe("straight"))
+    summary = run_training(recipe("straight"))
     config = json.loads((tmp_path / "straight" / "adapter" / "adapter_config.json").read_text())
     assert config["total_step"] == 10 and config["init_r"] == 3 and (config["tinit"], config["tfinal"]) == (1, 2)
     kept = sum(sum(mask) for mask in config["rank_pattern"].values())
     assert kept <= 2 * 14 < 3 * 14  # pruned to the target budget: r=2 over 14 layers
+    # where the budget went: the summary's table and OUT/ranks.png, from the same masks
+    assert summary.ranks == {k.removesuffix(".lora_E"): sum(v) for k, v in config["rank_pattern"].items()}
+    assert (tmp_path / "straight" / "ranks.png").stat().st_size > 1000
     with ctrl_c_after_step(monkeypatch, 5), pytest.raises(LorafitError, match="interrupted after step 5"):
         run_training(recipe("resumed"))
     run_training(recipe("resumed"), resume="latest")

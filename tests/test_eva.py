@@ -142,10 +142,11 @@ def test_a_run_with_eva_writes_its_ranks_loads_in_peft_and_resumes_exactly(run_d
     from peft import PeftModel
 
     settings = ("lora.rank_allocation={rho: 2.0, max_batches: 20}", "train.max_steps=4", "train.save_every=1")
-    run_training(recipe_at(run_dir, *settings, out="straight"))
+    summary = run_training(recipe_at(run_dir, *settings, out="straight"))
     out = run_dir / "straight"
     record = json.loads((out / "rank_allocation.json").read_text())
     assert record["method"] == "eva" and record["rho"] == 2.0 and sum(record["ranks"].values()) == record["budget"]
+    assert summary.ranks == record["ranks"] and (out / "ranks.png").stat().st_size > 1000
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     first = config["r"]
     assert config["rank_pattern"] == {k: r for k, r in record["ranks"].items() if r and r != first}

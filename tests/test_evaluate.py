@@ -67,7 +67,7 @@ def test_eval_loss_equals_hand_computed_mean_token_loss(tiny_model_dir, eval_fil
     assert results[0].exact_match is None
 
 
-@pytest.mark.parametrize("second_variant", ["lora", "dora", "vera"])
+@pytest.mark.parametrize("second_variant", ["lora", "dora", "vera", "adalora"])
 def test_two_adapters_in_one_run_equal_separate_runs(tmp_path, tiny_model_dir, eval_file, second_variant):
     first, second = make_adapter(tmp_path / "a1", seed=1), make_adapter(tmp_path / "a2", 2, second_variant)
     cfg = ModelConfig(base=str(tiny_model_dir), dtype="float32")

@@ -94,7 +94,7 @@ def test_adapter_that_does_not_fit_names_module_and_shapes(tmp_path, tiny_model_
     other = tiny_model(intermediate_size=96)
     inject_lora(other, LoRAConfig(r=2, alpha=2, target_modules=["up_proj"]))
     save_adapter(other, tmp_path / "adapter")
-    message = r"model\.layers\.0\.mlp\.up_proj: base weight is \[64, 32\].*lora_B \[96, 2\]"
+    message = r"model\.layers\.0\.mlp\.up_proj: adapter has .*lora_B \[96, 2\], but the base layer is \[64, 32\]"
     with pytest.raises(LorafitError, match=message):
         merge_adapter(str(tiny_model_dir), tmp_path / "adapter", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
