@@ -1,11 +1,12 @@
 """Adapters on disk in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Keys are ``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
-which is what ``peft.PeftModel.from_pretrained`` reads and what PEFT's ``save_pretrained`` writes.
-Reading trusts the tensors (module paths and shapes) and uses the config for scaling and the variant,
-so any plain-LoRA or DoRA adapter PEFT writes for linear layers loads here. Safetensors only: no pickle
-is ever read.
-"""
+LoRA keys are ``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``...lora_B.weight``
+([out, r]) (DoRA adds ``...lora_magnitude_vector``); VeRA and AdaLoRA use PEFT's VERA and ADALORA layouts
+(see lorafit/vera.py, lorafit/adalora.py). That is what ``peft.PeftModel.from_pretrained`` reads and
+what PEFT's ``save_pretrained`` writes. Each variant's layer says what it saves (``saved_tensors``,
+``peft_config``); reading trusts the tensors (module paths and shapes) and takes scaling and the variant
+from the config, so the adapters PEFT writes for linear layers in these four variants load here.
+Safetensors only: no pickle is ever read."""
 
 from __future__ import annotations
 
