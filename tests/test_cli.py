@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import write_recipe
 
 LORAFIT = [sys.executable, "-m", "lorafit"]
@@ -104,6 +106,8 @@ def test_plain_runs_never_import_bitsandbytes_or_peft(tmp_path, tiny_model_dir):
     (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
     script = f"""
 import sys
+
+import pytest
 from lorafit.cli import app
 for args in (["train", "recipe.yaml"], ["eval", "recipe.yaml", "--max-new-tokens", "2"],
              ["merge", {str(tiny_model_dir)!r}, "out/adapter", "merged", "--dtype", "float32"],
@@ -141,3 +145,17 @@ def test_plan_prints_the_ranks_a_rank_allocation_would_use(tmp_path, tiny_model_
     result = run("plan", str(recipe), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "raise train.micro_batch_size" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(("variant", "line", "trainable"), [
+    # r + out per layer: q,o 32; k,v 16; gate,up 64; down 32 (x2 layers, r=4 x 14 modules)
+    ("vera", "VeRA (trainable scaling vectors over shared random projections) r=4", f"{2 * (256 + 4 * 7)} of"),
+    # init_r = 6 (1.5 x 4): 6 x (in + out + 1) per module
+    ("adalora", "AdaLoRA (SVD-shaped triplets pruned to a budget while training): r=6 per layer at start",
+     f"{2 * 6 * ((64 + 1) * 2 + (48 + 1) * 2 + (96 + 1) * 3):,} of"),
+])
+def test_plan_shows_each_variant_and_its_trainable_count(tmp_path, tiny_model_dir, variant, line, trainable):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, f"lora:\n  r: 4\n  variant: {variant}\n")
+    result = run("plan", str(recipe), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert line in " ".join(result.stdout.split()) and trainable in result.stdout
