@@ -1,8 +1,9 @@
 """The output folder of a run and its checkpoints: what may be written where, and how a run continues.
 
 OUT/checkpoints/step-NNNNNN holds a loadable adapter plus ``training_state.pt`` (optimizer, scheduler,
-RNG states, step): everything needed to continue bit-for-bit on CPU. The data position is the step itself
-(see train.Batches). Checkpoints are written atomically; only the last ``keep_last`` are kept.
+the variant's loop state, RNG states, step): everything needed to continue bit-for-bit on CPU. The data
+position is the step itself (see data.Batches). A run whose ranks were allocated before training keeps them
+in OUT/rank_allocation.json. Checkpoints are written atomically; only the last ``keep_last`` are kept.
 """
 
 from __future__ import annotations
