@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafit.errors import LorafitError
-from lorafit.lora import AdapterLayer, TrainingHooks, merged_weight
+from lorafit.lora import AdapterLayer, TrainingHooks, config_dropout, merged_weight
 
 RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 
@@ -126,14 +126,13 @@ class AdaLoRALinear(AdapterLayer):
     def peft_config(cls, modules: dict[str, AdapterLayer]) -> dict[str, Any]:
         first = next(iter(modules.values()))
         settings = first.settings
-        dropouts = {m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in modules.values()}
         return {
             "peft_type": "ADALORA",
             "r": 8,  # PEFT ignores r for AdaLoRA (and warns when it is not its default)
             "init_r": first.r,
             "target_r": settings.target_r,
             "lora_alpha": first.alpha,
-            "lora_dropout": max(dropouts),
+            "lora_dropout": config_dropout(modules),
             "tinit": settings.tinit,
             "tfinal": settings.tfinal,
             "deltaT": settings.delta_t,

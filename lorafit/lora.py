@@ -40,6 +40,11 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype 
     return merged.to(dtype or weight.dtype)
 
 
+def config_dropout(modules: dict[str, AdapterLayer]) -> float:
+    """The dropout a PEFT config records for these layers (one value per adapter: the largest)."""
+    return max(m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in modules.values())
+
+
 class TrainingHooks:
     """What a variant adds to the training loop; ``train.py`` calls these without knowing the variant.
 
@@ -261,12 +266,11 @@ class LoRALinear(AdapterLayer):
     def peft_config(cls, modules: dict[str, AdapterLayer]) -> dict[str, Any]:
         """PEFT LoraConfig fields; per-module rank/alpha that differ from the first go to rank/alpha_pattern."""
         first = next(iter(modules.values()))
-        dropouts = {m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in modules.values()}
         return {
             "peft_type": "LORA",
             "r": first.r,
             "lora_alpha": first.alpha,
-            "lora_dropout": max(dropouts),
+            "lora_dropout": config_dropout(modules),
             "bias": "none",
             "fan_in_fan_out": False,
             "use_rslora": first.use_rslora,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.lora import AdapterLayer, merged_weight
+from lorafit.lora import AdapterLayer, config_dropout, merged_weight
 
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
@@ -110,13 +110,12 @@ class VeRALinear(AdapterLayer):
     def peft_config(cls, modules: dict[str, AdapterLayer]) -> dict[str, Any]:
         """PEFT VeraConfig fields."""
         first = next(iter(modules.values()))
-        dropouts = {m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in modules.values()}
         return {
             "peft_type": "VERA",
             "r": first.r,
             "projection_prng_key": first.projections.key if first.projections.key is not None else 0,
             "save_projection": first.projections.saved,
-            "vera_dropout": max(dropouts),
+            "vera_dropout": config_dropout(modules),
             "d_initial": first.d_initial,
             "bias": "none",
             "fan_in_fan_out": False,

@@ -109,6 +109,37 @@ def randomize_lora_B(model: torch.nn.Module, seed: int = 3) -> None:
             zero.copy_(torch.randn(zero.shape, generator=generator) * 0.1)
 
 
+def day_run(tmp_path: Path, model_dir: Path, lora: str, max_steps: int, lr: float):
+    """For a variant's train-and-resume test: 16 tiny date rows, and ``recipe(out)`` -> that run's Recipe
+    (``lora`` is the flow-style mapping, e.g. "r: 4, variant: dora"; a checkpoint every 3 steps)."""
+    import json
+
+    from lorafit.config import load_recipe
+
+    rows = [{"prompt": f"day {d}", "completion": f"2020-01-{d:02d}"} for d in range(1, 17)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def recipe(out: str):
+        text = f"""\
+model: {{base: {model_dir}, dtype: float32}}
+lora: {{{lora}}}
+data: {{train: {tmp_path / 'train.jsonl'}}}
+train: {{max_steps: {max_steps}, micro_batch_size: 8, lr: {lr}, precision: "no", save_every: 3}}
+output: {{dir: {tmp_path / out}}}
+"""
+        return load_recipe(write_recipe(tmp_path / f"{out}.yaml", text))
+
+    return recipe
+
+
+def train_losses(out: Path) -> list[float]:
+    """The per-step training losses a run logged in OUT/metrics.jsonl."""
+    import json
+
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines if '"train"' in x]
+
+
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

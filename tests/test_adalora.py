@@ -9,13 +9,13 @@ from peft import AdaLoraConfig, PeftModel, get_peft_model
 
 from lorafit.adalora import AdaLoRALinear
 from lorafit.adapter_io import load_adapter, save_adapter
-from lorafit.config import LoRAConfig, load_recipe
+from lorafit.config import LoRAConfig
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora, lora_modules, training_hooks
 from lorafit.merge import merge_adapter
 from lorafit.train import train as run_training
 
-from .conftest import ctrl_c_after_step, tiny_model, write_recipe
+from .conftest import ctrl_c_after_step, day_run, tiny_model, train_losses
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 SCHEDULE = {"tinit": 2, "tfinal": 2, "deltaT": 1}
@@ -185,22 +185,10 @@ def test_settings_are_checked():
 
 
 def test_train_with_variant_adalora_prunes_and_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):
-    rows = [{"prompt": f"day {d}", "completion": f"2020-01-{d:02d}"} for d in range(1, 17)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    def recipe(out):
-        text = f"""\
-model: {{base: {tiny_model_dir}, dtype: float32}}
-lora: {{r: 2, alpha: 8, variant: adalora}}
-data: {{train: {tmp_path / 'train.jsonl'}}}
-train: {{max_steps: 10, micro_batch_size: 8, lr: 1.0e-2, precision: "no", save_every: 3}}
-output: {{dir: {tmp_path / out}}}
-"""
-        return load_recipe(write_recipe(tmp_path / f"{out}.yaml", text))
+    recipe = day_run(tmp_path, tiny_model_dir, "r: 2, alpha: 8, variant: adalora", max_steps=10, lr=1.0e-2)
 
     def losses(out):
-        lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(x)["loss"] for x in lines if '"train"' in x]
+        return train_losses(tmp_path / out)
 
     summary = run_training(recipe("straight"))
     config = json.loads((tmp_path / "straight" / "adapter" / "adapter_config.json").read_text())

@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from lorafit.adapter_io import load_adapter, save_adapter
-from lorafit.config import LoRAConfig, ModelConfig, load_recipe
+from lorafit.config import LoRAConfig, ModelConfig
 from lorafit.dora import DoRALinear, dora_row_norm
 from lorafit.errors import LorafitError
 from lorafit.inject import adapters_to_float32, inject_lora, lora_modules
@@ -17,7 +17,7 @@ from lorafit.merge import merge_adapter
 from lorafit.model import load_base_model
 from lorafit.train import train as run_training
 
-from .conftest import ctrl_c_after_step, randomize_lora_B, tiny_model, write_recipe
+from .conftest import ctrl_c_after_step, day_run, randomize_lora_B, tiny_model, train_losses
 
 
 def perturb_magnitudes(model: nn.Module, seed: int = 5) -> None:
@@ -170,22 +170,10 @@ def test_dora_over_a_4bit_base(tmp_path, input_ids):
 
 
 def test_train_with_variant_dora_learns_and_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):
-    rows = [{"prompt": f"day {d}", "completion": f"2020-01-{d:02d}"} for d in range(1, 17)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    def recipe(out):
-        text = f"""\
-model: {{base: {tiny_model_dir}, dtype: float32}}
-lora: {{r: 4, alpha: 8, variant: dora}}
-data: {{train: {tmp_path / 'train.jsonl'}}}
-train: {{max_steps: 6, micro_batch_size: 8, lr: 1.0e-2, precision: "no", save_every: 3}}
-output: {{dir: {tmp_path / out}}}
-"""
-        return load_recipe(write_recipe(tmp_path / f"{out}.yaml", text))
+    recipe = day_run(tmp_path, tiny_model_dir, "r: 4, alpha: 8, variant: dora", max_steps=6, lr=1.0e-2)
 
     def losses(out):
-        lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(x)["loss"] for x in lines if '"train"' in x]
+        return train_losses(tmp_path / out)
 
     run_training(recipe("straight"))
     assert losses("straight")[-1] < losses("straight")[0]

@@ -15,7 +15,7 @@ from lorafit.model import load_base_model
 from lorafit.train import train as run_training
 from lorafit.vera import VeRALinear
 
-from .conftest import ctrl_c_after_step, tiny_model, write_recipe
+from .conftest import ctrl_c_after_step, day_run, tiny_model, train_losses
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # out/in differ: 32x32, 16x32, 32x64 -> projections for [32, 64]
 
@@ -142,22 +142,10 @@ def test_settings_that_vera_would_ignore_are_errors():
 
 
 def test_train_with_variant_vera_learns_and_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):
-    rows = [{"prompt": f"day {d}", "completion": f"2020-01-{d:02d}"} for d in range(1, 17)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    def recipe(out):
-        text = f"""\
-model: {{base: {tiny_model_dir}, dtype: float32}}
-lora: {{r: 16, variant: vera}}
-data: {{train: {tmp_path / 'train.jsonl'}}}
-train: {{max_steps: 6, micro_batch_size: 8, lr: 5.0e-2, precision: "no", save_every: 3}}
-output: {{dir: {tmp_path / out}}}
-"""
-        return load_recipe(write_recipe(tmp_path / f"{out}.yaml", text))
+    recipe = day_run(tmp_path, tiny_model_dir, "r: 16, variant: vera", max_steps=6, lr=5.0e-2)
 
     def losses(out):
-        lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(x)["loss"] for x in lines if '"train"' in x]
+        return train_losses(tmp_path / out)
 
     summary = run_training(recipe("straight"))
     assert losses("straight")[-1] < losses("straight")[0]
