@@ -68,8 +68,8 @@ class IncrementalPCA:
     Each ``partial_fit`` takes x: [N, in] and updates components_ [k, in], singular_values_ [k] and
     explained_variance_ratio_ [k] (share of the total variance of all rows seen). Mean and variance are
     accumulated in fp64; from the second batch on the stacked matrix holds an fp64 mean-correction row,
-    so the SVD runs in fp64, as in sklearn and PEFT. The SVD is randomized (torch.svd_lowrank, q = 2k,
-    4 power iterations, fixed seed) as PEFT's is, so that both compute the same numbers.
+    so the SVD runs in fp64, as in sklearn and PEFT. The SVD is randomized (``randomized_svd``: q = 2k,
+    4 power iterations, seed 42) as PEFT's torch.svd_lowrank call is, so that both compute the same numbers.
     """
 
     def __init__(self, n_components: int) -> None:
