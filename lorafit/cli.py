@@ -188,8 +188,8 @@ def eval_command(
         "prompt_completion"
     ),
     metrics: Annotated[list[str] | None, typer.Option("--metric", help="loss and/or exact_match (repeat).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation length for exact_match.")] = 32,
-    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N examples.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length for exact_match.", min=1)] = 32,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N examples.", min=1)] = None,
     dtype: Annotated[str, typer.Option(help="Base model dtype: float32, bfloat16, float16, auto.")] = "float32",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
@@ -212,7 +212,7 @@ def generate(
     adapter: Annotated[Path | None, typer.Option(help="Adapter folder to apply.")] = None,
     prompt: Annotated[str | None, typer.Argument(help="One prompt; omit with --chat.", show_default=False)] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Interactive chat that keeps the history.")] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.", min=1)] = 256,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass when temperature > 0.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,

@@ -42,6 +42,15 @@ class ModelConfig(_Section):
     double_quant: bool = True
     trust_remote_code: bool = False
 
+    @model_validator(mode="after")
+    def _four_bit_options_need_four_bit(self) -> ModelConfig:
+        # quant_type / double_quant only exist for a 4-bit base; set elsewhere they would do nothing.
+        for key, default in (("quant_type", "nf4"), ("double_quant", True)):
+            if getattr(self, key) != default and self.quantize != "4bit":
+                raise ValueError(f"model.{key} applies to quantize: 4bit only (quantize is {self.quantize!r}); "
+                                 f"remove it or set quantize: 4bit")
+        return self
+
 
 def _compiling_regex(label: str) -> AfterValidator:
     """A pydantic check that the string is a valid regular expression; ``label`` starts the message."""
@@ -211,6 +220,14 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    @model_validator(mode="after")
+    def _compile_needs_full_precision_base(self) -> Recipe:
+        if self.train.compile and self.model.quantize:
+            raise ValueError(f"train.compile does not support a quantized base (model.quantize: "
+                             f"{self.model.quantize}): lorafit compiles full-precision layers only; "
+                             "set train.compile: false")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -257,6 +274,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = {}
     if not isinstance(raw, dict):
         raise LorafitError(f"{path}: a recipe must be a mapping of sections (model, lora, data, train, output)")
+    _refuse_duplicate_keys(root, path)
     overridden = apply_overrides(raw, overrides or [])
     try:
         recipe = Recipe.model_validate(raw)
@@ -267,6 +285,25 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if problems:
         raise LorafitError(_problem_list(path, problems))
     return recipe
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, parents: tuple[str, ...] = ()) -> None:
+    """YAML lets a key appear twice and keeps the last value; in a recipe that is always a mistake."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path, parents)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key, value in node.value:
+        name = str(key.value)
+        line = key.start_mark.line + 1
+        if name in seen:
+            dotted = ".".join((*parents, name))
+            raise LorafitError(f"{path}:{line}: key {dotted!r} appears twice (first on line {seen[name]}); "
+                               "YAML would silently keep the last value; keep one of them")
+        seen[name] = line
+        _refuse_duplicate_keys(value, path, (*parents, name))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, str]:

@@ -63,8 +63,13 @@ def find_targets(model: nn.Module, target_modules: TargetModules, layers: list[i
     candidates = linear_module_names(model)
     matched = [name for name in candidates if _matches(name, target_modules)]
     if layers is not None:
-        wanted = set(layers)
-        matched = [name for name in matched if layer_index(name) in wanted]
+        present = {i for i in map(layer_index, candidates) if i is not None}
+        missing = sorted(set(layers) - present)
+        if missing:
+            have = f"layers {min(present)}..{max(present)}" if present else "no numbered decoder layers"
+            raise LorafitError(f"lora.layers {layers}: this model has {have}, so {missing} would silently adapt "
+                               "nothing; use indices that exist")
+        matched = [name for name in matched if layer_index(name) in set(layers)]
     if not matched:
         raise LorafitError(_no_match_message(candidates, target_modules, layers))
     return matched

@@ -159,3 +159,12 @@ def test_plan_shows_each_variant_and_its_trainable_count(tmp_path, tiny_model_di
     result = run("plan", str(recipe), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert line in " ".join(result.stdout.split()) and trainable in result.stdout
+
+
+@pytest.mark.parametrize("args", [["eval", "--limit", "-3"], ["eval", "--max-new-tokens", "0"],
+                                  ["generate", "--max-new-tokens", "-5", "hi"]])
+def test_out_of_range_options_exit_2_naming_the_option(args):
+    result = run(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    text = " ".join(result.stderr.replace("│", " ").split())  # rich draws the message in a wrapped box
+    assert f"Invalid value for '{args[1]}'" in text and "greater than or equal to 1" in text

@@ -151,3 +151,21 @@ def test_rank_and_alpha_patterns_are_checked_with_line_and_key(tmp_path, train_f
     good = write_recipe(tmp_path / "g.yaml", f"data:\n  train: {train_file}\n")
     recipe = load_recipe(good, ["lora.use_rslora=true", "lora.rank_pattern={q_proj: 8, 'layers\\.0\\..*': 2}"])
     assert recipe.lora.use_rslora and recipe.lora.rank_pattern == {"q_proj": 8, r"layers\.0\..*": 2}
+
+
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path, train_file):
+    path = write_recipe(tmp_path / "r.yaml", f"data:\n  train: {train_file}\nlora:\n  r: 8\n  alpha: 16\n  r: 4\n")
+    message = recipe_error(path)
+    assert f"{path}:6: key 'lora.r' appears twice (first on line 4)" in message
+    path = write_recipe(tmp_path / "s.yaml", f"data:\n  train: {train_file}\ndata:\n  train: {train_file}\n")
+    assert "key 'data' appears twice (first on line 1)" in recipe_error(path)
+
+
+def test_meaningless_combinations_name_the_key(tmp_path, train_file):
+    path = write_recipe(tmp_path / "r.yaml", MINIMAL.format(train=train_file))
+    assert "model.quant_type applies to quantize: 4bit only (quantize is '8bit')" in recipe_error(
+        path, ["model.quantize=8bit", "model.quant_type=fp4"])
+    assert "model.double_quant applies to quantize: 4bit only" in recipe_error(path, ["model.double_quant=false"])
+    assert "train.compile does not support a quantized base" in recipe_error(
+        path, ["model.quantize=4bit", "train.compile=true"])
+    load_recipe(path, ["model.quantize=4bit", "model.quant_type=fp4", "model.double_quant=false"])  # all fine

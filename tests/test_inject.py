@@ -105,3 +105,8 @@ def test_wrapped_layers_take_the_mode_of_the_layer_they_wrap():
     training = tiny_model().train()
     inject_lora(training, LoRAConfig(r=4, dropout=0.5))
     assert all(module.training for module in lora_modules(training).values())
+
+
+def test_layer_indices_that_do_not_exist_are_an_error_naming_those_that_do():
+    with pytest.raises(LorafitError, match=r"lora.layers \[1, 9\]: this model has layers 0..1, so \[9\]"):
+        inject_lora(tiny_model(), LoRAConfig(r=4, layers=[1, 9]))
