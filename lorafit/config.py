@@ -436,7 +436,8 @@ def _section_model(parents: list[str]) -> type[BaseModel] | None:
 
 
 def _resolve_paths(recipe: Recipe, recipe_path: Path) -> list[str]:
-    """Make local paths absolute (relative to the working directory, else to the recipe's folder)."""
+    """Make local paths absolute: relative to the recipe's folder first, then to the working directory, so
+    a recipe that names its data next to itself works from any folder."""
     problems = []
     data = recipe.data
     for key in ("train", "eval"):
@@ -445,8 +446,8 @@ def _resolve_paths(recipe: Recipe, recipe_path: Path) -> list[str]:
             continue
         found = _find_local(value, recipe_path)
         if found is None:
-            problems.append(f"{recipe_path}  data.{key}: file {value!r} does not exist (looked in the working "
-                            f"directory and in {recipe_path.parent or '.'}); fix the path")
+            problems.append(f"{recipe_path}  data.{key}: file {value!r} does not exist (looked in "
+                            f"{recipe_path.parent or '.'} and in the working directory); fix the path")
         else:
             setattr(data, key, str(found))
     base = recipe.model.base
@@ -473,7 +474,7 @@ def _looks_local(value: str, extensions: tuple[str, ...]) -> bool:
 
 def _find_local(value: str, recipe_path: Path) -> Path | None:
     candidate = Path(value).expanduser()
-    options = [candidate] if candidate.is_absolute() else [candidate, recipe_path.parent / candidate]
+    options = [candidate] if candidate.is_absolute() else [recipe_path.parent / candidate, candidate]
     return next((p.resolve() for p in options if p.exists()), None)
 
 

@@ -45,6 +45,17 @@ def test_relative_data_path_falls_back_to_recipe_folder(tmp_path, train_file, mo
     assert recipe.data.train == str(train_file.resolve())
 
 
+def test_recipe_folder_comes_before_the_working_directory(tmp_path, train_file, monkeypatch):
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    (elsewhere / "train.jsonl").write_text('{"prompt": "other", "completion": "file"}\n')
+    monkeypatch.chdir(elsewhere)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", MINIMAL.format(train="train.jsonl")))
+    assert recipe.data.train == str(train_file.resolve())  # the one next to the recipe
+    quickstart = load_recipe(REPO / "configs" / "quickstart.yaml")  # from a folder outside the repository
+    assert quickstart.data.train == str(REPO / "configs" / "data" / "dates_train.jsonl")
+
+
 def test_unknown_key_suggests_nearest(tmp_path, train_file):
     path = write_recipe(tmp_path / "r.yaml", f"data:\n  train: {train_file}\nlora:\n  rank: 8\n  alpah: 3\n")
     message = recipe_error(path)
