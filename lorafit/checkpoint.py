@@ -30,6 +30,8 @@ RESULT_NAMES = ("recipe.yaml", ALLOCATION_NAME, "metrics.jsonl", "loss.png", "ra
 def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path | None, list[Path]]:
     """Refuse to mix two runs in one folder. Returns the checkpoint to resume from, if any, and the
     previous run's files to delete (with output.overwrite) once the new run is ready to write."""
+    if out.exists() and not out.is_dir():
+        raise LorafitError(f"output.dir {out} is a file, not a folder; give a folder path (it is created if missing)")
     existing = [name for name in RESULT_NAMES if (out / name).exists()]
     if resume is not None:
         checkpoint = latest_checkpoint(out) if resume == "latest" else Path(resume)

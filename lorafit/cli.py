@@ -114,6 +114,15 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
     console.print(memory)
 
 
+def _check_output_file(path: Path, option: str) -> None:
+    """A file the command will write: not a folder, and inside a folder (or a place one can be made)."""
+    if path.is_dir():
+        raise LorafitError(f"{option} {path} is a folder; give a file path, e.g. {path / 'results.json'}")
+    blocker = next((parent for parent in path.parents if parent.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise LorafitError(f"{option} {path}: {blocker} is a file, so no folder can hold this path")
+
+
 def _variant_line(lora) -> str:
     """The variant and its settings, as ``plan`` prints them."""
     from lorafit.config import AdaLoRAConfig
@@ -196,6 +205,8 @@ def eval_command(
     """Compare the base model with one or more adapters: loss/perplexity and exact-match generation."""
     from lorafit.evaluate import eval_plan, run_eval
 
+    if json_path is not None:
+        _check_output_file(json_path, "--json")  # before minutes of evaluation, not after
     plan = eval_plan(recipe, base, adapters or [], data, data_format, dtype, metrics or ["loss", "exact_match"])
     with console.status("evaluating ..."):
         results = run_eval(plan, limit, max_new_tokens)

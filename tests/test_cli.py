@@ -168,3 +168,12 @@ def test_out_of_range_options_exit_2_naming_the_option(args):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     text = " ".join(result.stderr.replace("│", " ").split())  # rich draws the message in a wrapped box
     assert f"Invalid value for '{args[1]}'" in text and "greater than or equal to 1" in text
+
+
+def test_json_output_that_cannot_be_a_file_is_refused_before_evaluating(tmp_path):
+    result = run("eval", "--json", str(tmp_path))
+    assert result.returncode == 2 and "is a folder; give a file path" in result.stderr
+    (tmp_path / "taken").write_text("mine")
+    result = run("eval", "--json", str(tmp_path / "taken" / "results.json"))
+    assert result.returncode == 2 and "is a file, so no folder can hold this path" in result.stderr
+    assert (tmp_path / "taken").read_text() == "mine"

@@ -247,3 +247,10 @@ def test_train_calls_the_variants_step_hook_after_each_step(run_dir, monkeypatch
     monkeypatch.setattr(LoRALinear, "training_hooks", _RecordingHooks)
     run_training(recipe_at(run_dir, "train.max_steps=3"))
     assert _RecordingHooks.calls == [(1, True), (2, True), (3, True)]
+
+
+def test_output_dir_that_is_a_file_is_refused_and_kept(run_dir):
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(LorafitError, match="is a file, not a folder"):
+        run_training(recipe_at(run_dir, out="notes.txt"))
+    assert (run_dir / "notes.txt").read_text() == "mine"
