@@ -248,7 +248,43 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
             raise LorafitError(f"{path}: {key}={config[key]!r} is not supported by lorafit (only plain LoRA is)")
     if config.get("bias", "none") != "none":
         raise LorafitError(f"{path}: bias={config['bias']!r} is not supported; lorafit adapters train no biases")
+    _check_field_types(config, path)
     return config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Fields whose values lorafit computes with, and what each must be; a wrong type gets one message.
+_FIELD_CHECKS: dict[str, tuple[str, Any]] = {
+    "r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "init_r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "target_r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "lora_alpha": ("a number", _is_number),
+    "lora_dropout": ("a number in [0, 1)", lambda v: v is None or (_is_number(v) and 0 <= v < 1)),
+    "vera_dropout": ("a number in [0, 1)", lambda v: v is None or (_is_number(v) and 0 <= v < 1)),
+    "d_initial": ("a number", _is_number),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "rank_pattern": ("a mapping of module patterns", lambda v: v is None or isinstance(v, dict)),
+    "alpha_pattern": ("a mapping of module patterns to numbers",
+                      lambda v: v is None or (isinstance(v, dict) and all(map(_is_number, v.values())))),
+}
+
+
+def _check_field_types(config: dict[str, Any], path: Path) -> None:
+    for key, (expected, valid) in _FIELD_CHECKS.items():
+        if key in config and not valid(config[key]):
+            raise LorafitError(f"{path}: {key} must be {expected}, got {config[key]!r}; fix the value (or re-save "
+                               "the adapter with the tool that trained it)")
+    pattern = config.get("rank_pattern") or {}
+    bad = next((k for k, v in pattern.items() if not (
+        (isinstance(v, int) and not isinstance(v, bool) and v >= 1)  # LoRA: a rank
+        or (isinstance(v, list) and all(isinstance(b, bool) for b in v)))), None)  # AdaLoRA: a mask
+    if bad is not None:
+        raise LorafitError(f"{path}: rank_pattern[{bad!r}] must be a positive rank (or, for AdaLoRA, a list of "
+                           f"true/false), got {pattern[bad]!r}")
 
 
 def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:

@@ -66,17 +66,33 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, re
 
 
 def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler, hooks) -> int:
-    # weights_only: the state is tensors, numbers and lists, so nothing executable is unpickled.
-    state = torch.load(checkpoint / STATE_NAME, weights_only=True)
-    hooks.load_state_dict(state.get("hooks", {}))  # first: AdaLoRA's masks decide what the adapter file holds
-    restore_adapter_weights(model, checkpoint)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(_as_tuple(state["rng"]["python"]))
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"])
+    path = checkpoint / STATE_NAME
+    try:
+        # weights_only: the state is tensors, numbers and lists, so nothing executable is unpickled (a
+        # pickled object is refused here, as a damaged file).
+        state = torch.load(path, weights_only=True)
+        hooks.load_state_dict(state.get("hooks", {}))  # first: AdaLoRA's masks decide what the adapter holds
+        restore_adapter_weights(model, checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_tuple(state["rng"]["python"]))
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return int(state["step"])
+    except LorafitError:
+        raise
+    except Exception as err:  # any failure to read it back means the file is not a checkpoint of this run
+        raise LorafitError(_damaged(path, checkpoint, err)) from None
+
+
+def _damaged(path: Path, checkpoint: Path, err: Exception) -> str:
+    """What is wrong with a checkpoint that cannot be read, and the checkpoint before it, if any."""
+    reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    older = [p for p in sorted(checkpoint.parent.glob("step-*")) if p.name < checkpoint.name]
+    offer = (f"resume from the one before it: --resume-from {older[-1]}" if older
+             else "no earlier checkpoint exists: train again without --resume")
+    return f"{path} is damaged or not a lorafit checkpoint ({type(err).__name__}: {reason}); {offer}"
 
 
 def _as_tuple(value: Any) -> Any:
@@ -105,7 +121,20 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop events logged after the checkpoint: they are about to be produced again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    """On resume, drop events logged after the checkpoint: they are about to be produced again. A last line
+    cut short by a kill is dropped too; a damaged line before it is an error naming it."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # written half when the run was killed
+            raise LorafitError(f"{path}:{number}: not a JSON line (the file was edited or damaged); remove that "
+                               "line, or train again without --resume") from None
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))

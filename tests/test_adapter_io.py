@@ -1,6 +1,7 @@
 """PEFT-format adapter files, proven with PEFT itself (a test-only dependency)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -187,3 +188,20 @@ def test_rslora_and_patterns_from_a_recipe_give_peft_identical_modules(tmp_path,
 def test_a_pattern_that_matches_no_target_is_an_error():
     with pytest.raises(LorafitError, match=r"lora.rank_pattern key 'qproj' matches none of the 4 targeted"):
         inject_lora(tiny_model(), LoRAConfig(target_modules=["q_proj", "v_proj"], rank_pattern={"qproj": 8}))
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("r", "four", "r must be a positive integer, got 'four'"),
+    ("lora_alpha", None, "lora_alpha must be a number, got None"),
+    ("rank_pattern", {"q_proj": "big"}, "rank_pattern['q_proj'] must be a positive rank"),
+])
+def test_adapter_config_values_of_the_wrong_type_are_one_clear_error(tmp_path, field, value, message):
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    save_adapter(model, tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config[field] = value
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(LorafitError, match=re.escape(message)):
+        load_adapter(tiny_model(), tmp_path / "adapter")

@@ -254,3 +254,28 @@ def test_output_dir_that_is_a_file_is_refused_and_kept(run_dir):
     with pytest.raises(LorafitError, match="is a file, not a folder"):
         run_training(recipe_at(run_dir, out="notes.txt"))
     assert (run_dir / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "pickle"])
+def test_damaged_training_state_names_the_file_and_offers_the_previous_checkpoint(run_dir, damage):
+    import pickle
+
+    run_training(recipe_at(run_dir, "train.max_steps=4", "train.save_every=1", "train.keep_last=3"))
+    state = run_dir / "out" / "checkpoints" / "step-000003" / "training_state.pt"
+    payload = state.read_bytes()
+    state.write_bytes({"truncated": payload[: len(payload) // 2], "random": bytes(range(256)) * 8,
+                       "pickle": pickle.dumps(Path("."))}[damage])
+    with pytest.raises(LorafitError, match="step-000003/training_state.pt is damaged or not a lorafit checkpoint") \
+            as err:
+        run_training(recipe_at(run_dir, "train.max_steps=4"), resume=str(state.parent))
+    assert "--resume-from " + str(run_dir / "out" / "checkpoints" / "step-000002") in str(err.value)
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_kill(run_dir, monkeypatch):
+    run_training(recipe_at(run_dir, out="straight"))
+    with ctrl_c_after_step(monkeypatch, 3), pytest.raises(LorafitError, match="interrupted after step 3"):
+        run_training(recipe_at(run_dir, out="resumed"))
+    metrics = run_dir / "resumed" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"event": "train", "step": 4, "lo')  # a kill mid-write
+    run_training(recipe_at(run_dir, out="resumed"), resume="latest")
+    assert losses(run_dir / "resumed") == losses(run_dir / "straight")
