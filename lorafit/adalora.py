@@ -89,6 +89,7 @@ class AdaLoRALinear(AdapterLayer):
         result = self.base_layer(x)  # (..., out); a 4-bit base may keep it for backward: add out of place
         dtype = result.dtype
         down = F.linear(self.lora_dropout(x).to(dtype), (self.lora_A * self.lora_E).to(dtype))  # (..., r)
+        # ·alpha then /(init_r + 1e-5), in PEFT's order, so outputs match its AdaLoRA bit for bit.
         return result + F.linear(down, self.lora_B.to(dtype)) * self.alpha / (self.ranknum + RANKNUM_EPS)
 
     def delta_weight(self) -> torch.Tensor:
