@@ -81,10 +81,6 @@ class AdaLoRALinear(AdapterLayer):
     def trained_rank(self) -> int:
         return int(self.rank_mask.sum())
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (self.ranknum + RANKNUM_EPS)
-
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # (..., out); a 4-bit base may keep it for backward: add out of place
         dtype = result.dtype
@@ -142,12 +138,7 @@ class AdaLoRALinear(AdapterLayer):
             "orth_reg_weight": settings.orth_reg_weight,
             "total_step": settings.total_step,
             "rank_pattern": {f"{name}.lora_E": m.rank_mask.tolist() for name, m in modules.items()},
-            "bias": "none",
-            "fan_in_fan_out": False,
             "init_lora_weights": True,
-            "modules_to_save": None,
-            "layers_to_transform": None,
-            "layers_pattern": None,
             "use_rslora": False,
             "use_dora": False,
         }

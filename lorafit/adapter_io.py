@@ -47,7 +47,7 @@ _UNSUPPORTED = {
 @dataclass
 class ModuleAdapter:
     """One module's saved LoRA update: A [r, in], B [out, r], the scaling the config gives it, and for DoRA
-    the magnitude [out]. Every saved update (this, VeRAUpdate) offers the same five members."""
+    the magnitude [out]. Every saved update (this, VeRAUpdate, AdaLoRAUpdate) offers the same five members."""
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
@@ -191,6 +191,12 @@ def adapter_config(modules: dict[str, AdapterLayer], base_model_name: str | None
         # Full module paths: exact for any targeting rule (suffixes, regex, layer subsets), and what
         # PEFT itself writes for all-linear. PEFT matches list entries by dotted suffix.
         "target_modules": sorted(modules),
+        # What lorafit never trains (biases, extra modules) and the weight layout it always uses.
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
         **variant.peft_config(modules),
     }
 
@@ -355,7 +361,7 @@ def _group_vera_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any]
     if vera_A.ndim != 2 or vera_B.ndim != 2 or vera_A.shape[0] != vera_B.shape[1]:
         raise LorafitError(f"{where}: projections vera_A {list(vera_A.shape)} and vera_B {list(vera_B.shape)} "
                            "do not agree (need [r, in] and [out, r])")
-    projections = VeRAProjections(vera_A, vera_B, config.get("projection_prng_key"), saved=True)
+    projections = VeRAProjections(vera_A, vera_B, config.get("projection_prng_key"))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, _, part = key.removeprefix(KEY_PREFIX).rpartition(".")

@@ -9,7 +9,7 @@ the largest input and output widths among the targeted layers); a layer [out, in
 B[:out, :]. Per layer only λ_b [out] (starts at 0, so the model starts as the base) and λ_d [r] (starts at
 ``d_initial``) train: r + out parameters instead of LoRA's r·(in + out). Saved in PEFT's format
 (``peft_type: VERA``; ``…vera_lambda_b`` / ``…vera_lambda_d``; the projections as ``base_model.vera_A`` /
-``base_model.vera_B`` unless ``save_projection`` is false, when they are drawn again from the key).
+``base_model.vera_B``, always: ``save_projection: true``; PEFT adapters saved without them are refused).
 """
 
 from __future__ import annotations
@@ -34,21 +34,21 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
 
 class VeRAProjections(nn.Module):
     """The frozen A [r, max_in] and B [max_out, r] every VeRA layer of a model shares (one module object,
-    so moving the model moves them once). Buffers, not saved with the model's state: they are either in
-    the adapter file or drawn again from the key."""
+    so moving the model moves them once). Buffers, not in the model's state dict: the adapter file holds
+    them once, under PEFT's model-level keys."""
 
-    def __init__(self, vera_A: torch.Tensor, vera_B: torch.Tensor, key: int | None, saved: bool) -> None:
+    def __init__(self, vera_A: torch.Tensor, vera_B: torch.Tensor, key: int | None) -> None:
         super().__init__()
         self.register_buffer("vera_A", vera_A, persistent=False)
         self.register_buffer("vera_B", vera_B, persistent=False)
-        self.key, self.saved = key, saved
+        self.key = key
 
     @staticmethod
-    def draw(r: int, max_in: int, max_out: int, key: int, saved: bool = True) -> VeRAProjections:
+    def draw(r: int, max_in: int, max_out: int, key: int) -> VeRAProjections:
         generator = torch.Generator(device="cpu").manual_seed(key)
         vera_A = kaiming_uniform((r, max_in), generator)  # drawn first, as in PEFT
         vera_B = kaiming_uniform((max_out, r), generator)
-        return VeRAProjections(vera_A, vera_B, key, saved)
+        return VeRAProjections(vera_A, vera_B, key)
 
     @property
     def r(self) -> int:
@@ -114,31 +114,24 @@ class VeRALinear(AdapterLayer):
             "peft_type": "VERA",
             "r": first.r,
             "projection_prng_key": first.projections.key if first.projections.key is not None else 0,
-            "save_projection": first.projections.saved,
+            "save_projection": True,  # lorafit always saves them (and reads only adapters that carry them)
             "vera_dropout": config_dropout(modules),
             "d_initial": first.d_initial,
-            "bias": "none",
-            "fan_in_fan_out": False,
             "init_weights": True,
-            "modules_to_save": None,
-            "layers_to_transform": None,
-            "layers_pattern": None,
         }
 
     @classmethod
     def shared_tensors(cls, modules: dict[str, AdapterLayer]) -> dict[str, torch.Tensor]:
         projections = next(iter(modules.values())).projections
-        if not projections.saved:
-            return {}
         return dict(zip(PROJECTION_KEYS, (projections.vera_A, projections.vera_B), strict=True))
 
     def extra_repr(self) -> str:
         return f"r={self.r} (shared projections), merged={self.merged}"
 
 
-def projections_for(layers: list[nn.Module], r: int, key: int, saved: bool = True) -> VeRAProjections:
+def projections_for(layers: list[nn.Module], r: int, key: int) -> VeRAProjections:
     """The shared projections for these base layers: as wide as the widest input and output among them."""
     max_in = max(layer.in_features for layer in layers)
     max_out = max(layer.out_features for layer in layers)
-    projections = VeRAProjections.draw(r, max_in, max_out, key, saved)
+    projections = VeRAProjections.draw(r, max_in, max_out, key)
     return projections.to(layers[0].weight.device)
