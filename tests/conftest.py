@@ -140,6 +140,28 @@ def train_losses(out: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in lines if '"train"' in x]
 
 
+def four_bit_tiny(tmp_path: Path, lora) -> torch.nn.Module:
+    """A 64-wide tiny Llama loaded with a 4-bit base as training loads it, ``lora`` (a LoRAConfig) injected,
+    adapters in fp32."""
+    from lorafit.config import ModelConfig
+    from lorafit.inject import adapters_to_float32, inject_lora
+    from lorafit.model import load_base_model
+
+    folder = tmp_path / "tiny-64"
+    tiny_model(hidden_size=64, intermediate_size=128).save_pretrained(folder)
+    model = load_base_model(ModelConfig(base=str(folder), dtype="float32", quantize="4bit"), training=True)
+    inject_lora(model, lora)
+    adapters_to_float32(model)
+    return model
+
+
+def peft_grads(peft_model) -> dict[str, torch.Tensor]:
+    """A PEFT model's adapter gradients under lorafit's names: "<module path>.<part>" (no base_model.model.
+    prefix, no .default adapter name)."""
+    return {name.removeprefix("base_model.model.").replace(".default", ""): param.grad
+            for name, param in peft_model.named_parameters() if param.requires_grad}
+
+
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -15,7 +15,7 @@ from lorafit.inject import inject_lora, lora_modules, training_hooks
 from lorafit.merge import merge_adapter
 from lorafit.train import train as run_training
 
-from .conftest import ctrl_c_after_step, day_run, tiny_model, train_losses
+from .conftest import ctrl_c_after_step, day_run, four_bit_tiny, peft_grads, tiny_model, train_losses
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 SCHEDULE = {"tinit": 2, "tfinal": 2, "deltaT": 1}
@@ -78,11 +78,10 @@ def test_logits_and_penalty_gradients_match_peft(input_ids):
     torch.testing.assert_close(ours_loss, theirs_loss, atol=1e-5, rtol=0)
     ours_loss.backward()
     theirs_loss.backward()
-    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    grads = peft_grads(theirs)
     for name, module in lora_modules(ours).items():
         for part, param in module.adapter_params().items():
-            torch.testing.assert_close(param.grad, grads[f"base_model.model.{name}.{part}.default"],
-                                       atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(param.grad, grads[f"{name}.{part}"], atol=1e-6, rtol=1e-4)
 
 
 def test_budget_schedule_equals_peft():
@@ -156,15 +155,7 @@ def test_files_both_ways_with_a_layer_that_keeps_nothing(tmp_path, input_ids, ti
 
 def test_adalora_over_a_4bit_base(tmp_path, input_ids):
     pytest.importorskip("bitsandbytes")
-    from lorafit.config import ModelConfig
-    from lorafit.inject import adapters_to_float32
-    from lorafit.model import load_base_model
-
-    folder = tmp_path / "tiny-64"
-    tiny_model(hidden_size=64, intermediate_size=128).save_pretrained(folder)
-    model = load_base_model(ModelConfig(base=str(folder), dtype="float32", quantize="4bit"), training=True)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, variant="adalora"))
-    adapters_to_float32(model)
+    model = four_bit_tiny(tmp_path, LoRAConfig(r=4, alpha=8, variant="adalora"))
     hooks = training_hooks(model, 10)
     perturb(model)
     model.train()

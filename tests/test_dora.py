@@ -9,15 +9,14 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from lorafit.adapter_io import load_adapter, save_adapter
-from lorafit.config import LoRAConfig, ModelConfig
+from lorafit.config import LoRAConfig
 from lorafit.dora import DoRALinear, dora_row_norm
 from lorafit.errors import LorafitError
-from lorafit.inject import adapters_to_float32, inject_lora, lora_modules
+from lorafit.inject import inject_lora, lora_modules
 from lorafit.merge import merge_adapter
-from lorafit.model import load_base_model
 from lorafit.train import train as run_training
 
-from .conftest import ctrl_c_after_step, day_run, randomize_lora_B, tiny_model, train_losses
+from .conftest import ctrl_c_after_step, day_run, four_bit_tiny, peft_grads, randomize_lora_B, tiny_model, train_losses
 
 
 def perturb_magnitudes(model: nn.Module, seed: int = 5) -> None:
@@ -117,12 +116,11 @@ def test_lorafit_dora_adapter_loads_in_peft_with_same_logits_and_gradients(tmp_p
     torch.testing.assert_close(ours_loss, theirs_loss, atol=1e-5, rtol=0)
     ours_loss.backward()
     theirs_loss.backward()
-    peft_grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
-                  for n, p in theirs.named_parameters() if p.requires_grad}
+    grads = peft_grads(theirs)
     for name, module in lora_modules(ours).items():
         for part, param in module.adapter_params().items():
             key = f"{name}.{part}" + (".weight" if part == "lora_magnitude_vector" else "")
-            torch.testing.assert_close(param.grad, peft_grads[key], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(param.grad, grads[key], atol=1e-5, rtol=1e-4)
 
 
 def test_peft_dora_adapter_loads_in_lorafit_and_merges_like_merge_and_unload(tmp_path, input_ids, tiny_model_dir):
@@ -151,11 +149,7 @@ def test_dora_over_a_4bit_base(tmp_path, input_ids):
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.functional import dequantize_4bit
 
-    folder = tmp_path / "tiny-64"
-    tiny_model(hidden_size=64, intermediate_size=128).save_pretrained(folder)
-    model = load_base_model(ModelConfig(base=str(folder), dtype="float32", quantize="4bit"), training=True)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, variant="dora"))
-    adapters_to_float32(model)
+    model = four_bit_tiny(tmp_path, LoRAConfig(r=4, alpha=8, variant="dora"))
     layer = lora_modules(model)["model.layers.0.self_attn.q_proj"]
     weight = dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state).float()
     torch.testing.assert_close(layer.lora_magnitude_vector, weight.norm(dim=1), atol=1e-5, rtol=0)

@@ -7,15 +7,14 @@ import torch
 from peft import PeftModel, VeraConfig, get_peft_model
 
 from lorafit.adapter_io import load_adapter, save_adapter
-from lorafit.config import LoRAConfig, ModelConfig, load_recipe
+from lorafit.config import LoRAConfig, load_recipe
 from lorafit.errors import LorafitError
-from lorafit.inject import adapters_to_float32, inject_lora, lora_modules
+from lorafit.inject import inject_lora, lora_modules
 from lorafit.merge import merge_adapter
-from lorafit.model import load_base_model
 from lorafit.train import train as run_training
 from lorafit.vera import VeRALinear
 
-from .conftest import ctrl_c_after_step, day_run, tiny_model, train_losses
+from .conftest import ctrl_c_after_step, day_run, four_bit_tiny, peft_grads, tiny_model, train_losses
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # out/in differ: 32x32, 16x32, 32x64 -> projections for [32, 64]
 
@@ -83,11 +82,10 @@ def test_lorafit_vera_adapter_loads_in_peft_with_same_logits_and_gradients(tmp_p
     torch.testing.assert_close(ours_loss, theirs_loss, atol=1e-5, rtol=0)
     ours_loss.backward()
     theirs_loss.backward()
-    peft_grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
-                  for n, p in theirs.named_parameters() if p.requires_grad}
+    grads = peft_grads(theirs)
     for name, module in lora_modules(ours).items():
         for part, param in module.adapter_params().items():
-            torch.testing.assert_close(param.grad, peft_grads[f"{name}.{part}"], atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(param.grad, grads[f"{name}.{part}"], atol=1e-6, rtol=1e-4)
 
 
 def test_peft_vera_adapter_loads_in_lorafit_and_merges_like_merge_and_unload(tmp_path, input_ids, tiny_model_dir):
@@ -121,11 +119,7 @@ def test_adapter_without_projections_is_refused_with_the_fix(tmp_path):
 
 def test_vera_over_a_4bit_base(tmp_path, input_ids):
     pytest.importorskip("bitsandbytes")
-    folder = tmp_path / "tiny-64"
-    tiny_model(hidden_size=64, intermediate_size=128).save_pretrained(folder)
-    model = load_base_model(ModelConfig(base=str(folder), dtype="float32", quantize="4bit"), training=True)
-    inject_lora(model, LoRAConfig(r=4, variant="vera"))
-    adapters_to_float32(model)
+    model = four_bit_tiny(tmp_path, LoRAConfig(r=4, variant="vera"))
     perturb_lambdas(model)
     model.train()
     loss = model(input_ids, labels=input_ids).loss
