@@ -159,7 +159,7 @@ SavedUpdate = ModuleAdapter | VeRAUpdate | AdaLoRAUpdate
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | None = None) -> Path:
     """Write the model's LoRA weights and config to ``out_dir``, atomically (temp folder, then rename)."""
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "the adapter") as tmp:
         write_adapter_files(model, tmp, base_model_name)
     return out_dir
 

@@ -8,6 +8,7 @@ in OUT/rank_allocation.json. Checkpoints are written atomically; only the last `
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import shutil
@@ -20,18 +21,33 @@ from lorafit.adapter_io import restore_adapter_weights, write_adapter_files
 from lorafit.config import RankAllocationConfig, Recipe
 from lorafit.errors import LorafitError
 from lorafit.eva import RankAllocation
-from lorafit.files import atomic_dir
+from lorafit.files import atomic_dir, tidy_after_kill, write_bytes
 
 STATE_NAME = "training_state.pt"
 ALLOCATION_NAME = "rank_allocation.json"
 RESULT_NAMES = ("recipe.yaml", ALLOCATION_NAME, "metrics.jsonl", "loss.png", "ranks.png", "adapter", "checkpoints")
 
 
-def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path | None, list[Path]]:
-    """Refuse to mix two runs in one folder. Returns the checkpoint to resume from, if any, and the
-    previous run's files to delete (with output.overwrite) once the new run is ready to write."""
+def check_output_dir(out: Path, resume: str | None, inputs: dict[str, Path]) -> None:
+    """Before anything is created: OUT must be a folder (or missing), and no input of the run (the recipe,
+    its data, its base) may be a file the run writes or deletes there, e.g. ``output.dir: .`` next to a
+    recipe called recipe.yaml."""
     if out.exists() and not out.is_dir():
         raise LorafitError(f"output.dir {out} is a file, not a folder; give a folder path (it is created if missing)")
+    written = [name for name in RESULT_NAMES if not (resume is not None and name == "recipe.yaml")]
+    for label, path in inputs.items():
+        for name in written:
+            target = (out / name).resolve()
+            if path.resolve() == target or target in path.resolve().parents:
+                raise LorafitError(f"output.dir {out}: the run writes {out / name}, which is {label} ({path}); "
+                                   "choose another output.dir so that nothing you gave lorafit is overwritten")
+
+
+def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path | None, list[Path]]:
+    """Refuse to mix two runs in one folder (call while holding OUT's lock). Returns the checkpoint to resume
+    from, if any, and the previous run's files to delete (with output.overwrite) once the new run is ready."""
+    for folder in (out, out / "checkpoints"):
+        tidy_after_kill(folder)  # a killed run's half-written temp folders, an interrupted replace
     existing = [name for name in RESULT_NAMES if (out / name).exists()]
     if resume is not None:
         checkpoint = latest_checkpoint(out) if resume == "latest" else Path(resume)
@@ -49,7 +65,10 @@ def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, recipe: Recipe, keep_last: int) -> Path:
     """OUT/checkpoints/step-NNNNNN: a loadable adapter plus the state to continue; written atomically."""
     final = out / "checkpoints" / f"step-{step:06d}"
-    with atomic_dir(final) as tmp:
+    previous = latest_checkpoint(out)
+    kept = (f"the previous checkpoint {previous} is intact (continue from it with --resume)" if previous
+            else "no checkpoint was written yet")
+    with atomic_dir(final, "checkpoint", kept) as tmp:
         write_adapter_files(model, tmp, recipe.model.base)
         state = {
             "step": step,
@@ -59,7 +78,9 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, re
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
-        torch.save(state, tmp / STATE_NAME)
+        buffer = io.BytesIO()  # the state is the adapter's size (optimizer moments), so it fits in memory
+        torch.save(state, buffer)
+        write_bytes(tmp / STATE_NAME, buffer.getvalue())
     for old in sorted((out / "checkpoints").glob("step-*"))[:-keep_last]:
         shutil.rmtree(old)
     return final

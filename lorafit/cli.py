@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lorafit import __version__
-from lorafit.config import DEFAULT_BASE
+from lorafit.config import DEFAULT_BASE, DataFormat, ModelDType, WeightsDType
 from lorafit.errors import LorafitError
 from lorafit.report import allocation_table, eval_table, memory_estimate, rank_table, summary_table, targeting_table
 
@@ -40,20 +40,42 @@ SetOption = Annotated[
 
 
 def user_errors(command: F) -> F:
-    """Show a LorafitError as one red message and exit 2; anything else is a bug and keeps its traceback."""
+    """Show a LorafitError as one red message and exit 2; anything else is a bug and keeps its traceback.
+
+    A write the machine refused (disk full, read-only folder, permission) that no writer named more
+    precisely is also the user's to fix, so it gets the same treatment. LORAFIT_DEBUG=1 adds the traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except LorafitError as err:
-            error_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        except Exception as err:
+            message = _user_message(err)
+            if message is None:
+                raise
+            if os.environ.get("LORAFIT_DEBUG") == "1":
+                error_console.print_exception()
+            error_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
             error_console.print("[bold red]interrupted[/]")
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _user_message(err: Exception) -> str | None:
+    """The message for an error the user can act on; None for a bug in lorafit."""
+    from lorafit.files import machine_write_problem
+
+    if isinstance(err, LorafitError):
+        return str(err)
+    problem = machine_write_problem(err)
+    if problem is None:
+        return None
+    where = getattr(err, "filename", None)
+    return f"could not write{f' {where}' if where else ''}: {problem}"
 
 
 def _version(value: bool) -> None:
@@ -163,16 +185,19 @@ def merge(
     base: Annotated[str, typer.Argument(help="Base model: HF folder, hub id, .gguf file or pkg:PACKAGE/FILE.")],
     adapter: Annotated[Path, typer.Argument(help="Adapter folder (lorafit's or PEFT's).")],
     out: Annotated[Path, typer.Argument(help="Folder to write the merged model to.")],
-    dtype: Annotated[str, typer.Option(help="Weights dtype: bfloat16, float16 or float32.")] = "bfloat16",
+    dtype: Annotated[WeightsDType, typer.Option(help="Weights dtype of the merged model.")] = "bfloat16",
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors file, e.g. 2GB or 500MB.")] = "2GB",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
     verify: Annotated[bool, typer.Option(help="Compare merged logits with base + adapter.")] = True,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow a base whose architecture is code shipped with it (read that code first).")
+    ] = False,
 ) -> None:
     """Merge an adapter into full base weights that plain transformers loads (no lorafit needed)."""
     from lorafit.merge import merge_adapter
 
     with console.status("merging ..."):
-        result = merge_adapter(base, adapter, out, dtype, max_shard_size, overwrite, verify)
+        result = merge_adapter(base, adapter, out, dtype, max_shard_size, overwrite, verify, trust_remote_code)
     console.print(f"merged {result.merged_modules} modules into {result.out} ({result.shards} shard"
                   f"{'s' if result.shards > 1 else ''}, {dtype})", highlight=False)
     if result.max_logit_diff is not None:
@@ -193,13 +218,13 @@ def eval_command(
         list[Path] | None, typer.Option("--adapter", help="Adapter folder; repeat to compare several.")
     ] = None,
     data: Annotated[str | None, typer.Option(help="Eval data file (or hub dataset).")] = None,
-    data_format: Annotated[str, typer.Option("--format", help="text | alpaca | chat | prompt_completion")] = (
+    data_format: Annotated[DataFormat, typer.Option("--format", help="Format of the data rows.")] = (
         "prompt_completion"
     ),
     metrics: Annotated[list[str] | None, typer.Option("--metric", help="loss and/or exact_match (repeat).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length for exact_match.", min=1)] = 32,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N examples.", min=1)] = None,
-    dtype: Annotated[str, typer.Option(help="Base model dtype: float32, bfloat16, float16, auto.")] = "float32",
+    dtype: Annotated[ModelDType, typer.Option(help="Base model dtype.")] = "float32",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
 ) -> None:
     """Compare the base model with one or more adapters: loss/perplexity and exact-match generation."""
@@ -227,7 +252,7 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass when temperature > 0.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "float32",
+    dtype: Annotated[ModelDType, typer.Option(help="Base model dtype.")] = "float32",
 ) -> None:
     """Generate with the base model (and an adapter), streaming tokens; --chat for a conversation."""
     from lorafit.config import ModelConfig

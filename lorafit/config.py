@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -34,9 +35,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Choices the command line offers too (typer reads these Literals), typed once here.
+ModelDType = Literal["auto", "float32", "bfloat16", "float16"]
+WeightsDType = Literal["float32", "bfloat16", "float16"]
+DataFormat = Literal["text", "alpaca", "chat", "prompt_completion"]
+
+
 class ModelConfig(_Section):
     base: str = Field(DEFAULT_BASE, min_length=1)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: ModelDType = "auto"
     quantize: Literal["4bit", "8bit"] | None = None
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
@@ -167,7 +174,7 @@ class DataConfig(_Section):
     train: str = Field(min_length=1)
     eval: str | None = None
     val_fraction: float | None = Field(None, gt=0, lt=1)
-    format: Literal["text", "alpaca", "chat", "prompt_completion"] = "prompt_completion"
+    format: DataFormat = "prompt_completion"
     max_seq_len: int = Field(512, ge=8)
     train_on_inputs: bool = False
     packing: bool = False
@@ -219,6 +226,21 @@ class Recipe(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    # The file this recipe was read from (None when built in code): a run must never write over it.
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    def inputs(self) -> dict[str, Path]:
+        """The local files and folders this recipe reads, by the name a message should use for them."""
+        found = {"the recipe you passed": self._source} if self._source else {}
+        for label, value in (("data.train", self.data.train), ("data.eval", self.data.eval),
+                             ("model.base", self.model.base)):
+            if value and Path(value).exists():
+                found[label] = Path(value)
+        return found
 
     @model_validator(mode="after")
     def _compile_needs_full_precision_base(self) -> Recipe:
@@ -284,6 +306,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     problems = _resolve_paths(recipe, path)
     if problems:
         raise LorafitError(_problem_list(path, problems))
+    recipe._source = path
     return recipe
 
 
@@ -354,7 +377,7 @@ def _read_text(path: Path) -> str:
     if not path.is_file():
         raise LorafitError(f"recipe file {path} does not exist; check the path (see configs/ for examples)")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise LorafitError(f"recipe file {path} could not be read: {err}") from None
 

@@ -42,6 +42,7 @@ class TokenizedData:
 
 def load_rows(source: str) -> list[dict[str, Any]]:
     """Rows of a local file (jsonl/json/csv/txt/parquet) or of a hub dataset's train split, as dicts.
+    Text files may start with a UTF-8 byte-order mark (Excel writes one); it is not part of the first field.
 
     Text formats are parsed here, not by ``datasets``: its JSON/CSV readers infer column types, and
     would turn a completion like "2021-03-03" into a timestamp. Parsing ourselves also gives exact
@@ -54,10 +55,11 @@ def load_rows(source: str) -> list[dict[str, Any]]:
         if suffix == ".json":
             return _read_json(Path(source))
         if suffix == ".csv":
-            with open(source, newline="", encoding="utf-8") as f:
+            with open(source, newline="", encoding="utf-8-sig") as f:
                 return list(csv.DictReader(f))
         if suffix == ".txt":
-            return [{"text": line} for line in Path(source).read_text(encoding="utf-8").splitlines() if line.strip()]
+            lines = Path(source).read_text(encoding="utf-8-sig").splitlines()
+            return [{"text": line} for line in lines if line.strip()]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise LorafitError(f"{source}: could not be read ({err})") from None
     return _load_with_datasets(source, parquet=suffix == ".parquet")
@@ -65,7 +67,7 @@ def load_rows(source: str) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -81,7 +83,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise LorafitError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     rows = content.get("data") if isinstance(content, dict) else content

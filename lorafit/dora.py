@@ -42,10 +42,10 @@ def dora_merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
     """m · (W + s·B·A) / ‖W + s·B·A‖_row, computed in fp32 and returned in ``dtype`` (default: W's).
     Pure: used by DoRALinear.merge and by merging checkpoint files. Refuses non-finite results."""
     updated = weight.float() + lora_delta(lora_A, lora_B, scaling).to(weight.device)
-    merged = updated * (magnitude.float().to(weight.device) / updated.norm(dim=1))[:, None]
+    merged = (updated * (magnitude.float().to(weight.device) / updated.norm(dim=1))[:, None]).to(dtype or weight.dtype)
     if not torch.isfinite(merged).all():
-        raise ValueError("merging this DoRA update gives non-finite weights")
-    return merged.to(dtype or weight.dtype)
+        raise ValueError(f"merging this DoRA update gives non-finite weights in {merged.dtype}")
+    return merged
 
 
 class DoRALinear(LoRALinear):

@@ -102,10 +102,16 @@ def run_eval(plan: EvalPlan, limit: int | None = None, max_new_tokens: int = 32,
 def prepare_task(tokenizer, data_path: str, data_format: str, metrics: list[str], max_seq_len: int,
                  limit: int | None, micro_batch_size: int, max_new_tokens: int) -> EvalTask:
     rows = load_rows(data_path)[:limit]
+    if not rows:
+        raise LorafitError(f"{data_path}: no rows to evaluate (the file holds no examples); give a data file with "
+                           f"at least one {data_format} row")
     tokenized = prompts = references = None
     if "loss" in metrics:
         config = DataConfig(train=data_path, format=data_format, max_seq_len=max_seq_len)
         tokenized = tokenize_rows(rows, config, tokenizer, data_path)
+        if not tokenized.examples:
+            raise LorafitError(f"{data_path}: none of its {len(rows)} rows has a token to score (all were skipped; "
+                               "see the data summary rules in the README); check the rows and --format")
     if "exact_match" in metrics:
         pairs = [generation_example(row, data_format, tokenizer, row_location(data_path, i))
                  for i, row in enumerate(rows)]

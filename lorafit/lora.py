@@ -32,12 +32,13 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> to
 
 
 def merged_weight(weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """W + delta computed in fp32, returned in ``dtype`` (default: W's); refuses non-finite results
-    (PEFT's safe_merge) so a broken adapter can never be written into a model."""
-    merged = weight.float() + delta.to(weight.device)
+    """W + delta computed in fp32, returned in ``dtype`` (default: W's); refuses non-finite results, also
+    those of the cast (fp16 overflows past 65504) — PEFT's safe_merge — so a broken adapter can never be
+    written into a model."""
+    merged = (weight.float() + delta.to(weight.device)).to(dtype or weight.dtype)
     if not torch.isfinite(merged).all():
-        raise ValueError("merging this LoRA update gives non-finite weights")
-    return merged.to(dtype or weight.dtype)
+        raise ValueError(f"merging this LoRA update gives non-finite weights in {merged.dtype}")
+    return merged
 
 
 def config_dropout(modules: dict[str, AdapterLayer]) -> float:

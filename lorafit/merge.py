@@ -9,6 +9,7 @@ passed, so a failure leaves no half-written OUT.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import re
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from lorafit.adapter_io import SavedUpdate, misfit_error, read_adapter
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
-from lorafit.files import atomic_dir
+from lorafit.files import atomic_dir, refuse_overlap, replace_lock, tidy_after_kill, write_failure
 from lorafit.model import DTYPES, local_source
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -48,33 +49,79 @@ def merge_adapter(
     max_shard_size: str = "2GB",
     overwrite: bool = False,
     verify: bool = True,
+    trust_remote_code: bool = False,
 ) -> MergeResult:
     out, adapter_dir = Path(out), Path(adapter_dir)
     if dtype not in DTYPES:
         raise LorafitError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
+    inputs = {"ADAPTER": adapter_dir, **({"BASE": Path(base)} if Path(base).exists() else {})}
+    refuse_overlap(out, "OUT", inputs)  # even with --overwrite: replacing OUT would delete an input
+    with write_failure(out.parent, "the folder for OUT"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with replace_lock(out, "OUT"):  # one merge at a time into OUT
+        # A merge killed mid-replace left the previous OUT aside (put back) or a half-written temp (deleted).
+        tidy_after_kill(out.parent, glob.escape(out.name))
+        return _merge_locked(base, adapter_dir, out, dtype, shard_bytes, overwrite, verify, trust_remote_code)
+
+
+def _merge_locked(base: str, adapter_dir: Path, out: Path, dtype: str, shard_bytes: int, overwrite: bool,
+                  verify: bool, trust_remote_code: bool) -> MergeResult:
+    if out.exists() and not out.is_dir():
+        raise LorafitError(f"OUT {out} is a file; give a folder path for the merged model")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LorafitError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another OUT")
     updates = read_adapter(adapter_dir)
     folder = base_folder(base)
+    refuse_overlap(out, "OUT", {"the base model's files": folder})
+    refuse_remote_code(folder, base, trust_remote_code)
     weight_files = checkpoint_files(folder)
     check_adapter_fits(updates, weight_files, adapter_dir)
 
     target_dtype = DTYPES[dtype]
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "the merged model") as tmp:
         writer = ShardWriter(tmp, shard_bytes)
         for path in weight_files:
             for key, tensor in load_file(path).items():  # one input shard in memory at a time
                 module = key.removesuffix(".weight")
                 if key.endswith(".weight") and module in updates:
-                    tensor = updates[module].merged_weight(tensor, target_dtype)
+                    tensor = merged_or_refused(updates[module], tensor, target_dtype, module, adapter_dir)
                 elif tensor.is_floating_point():
                     tensor = tensor.to(target_dtype)
                 writer.add(key, tensor)
         shards = writer.finish()
         copy_model_files(folder, tmp, dtype)
-        diff, floor = verify_merge(tmp, base, adapter_dir, target_dtype) if verify else (None, None)
+        diff, floor = (verify_merge(tmp, base, adapter_dir, target_dtype, trust_remote_code) if verify
+                       else (None, None))
     return MergeResult(out, shards, len(updates), diff, floor)
+
+
+def merged_or_refused(update: SavedUpdate, weight: torch.Tensor, dtype: torch.dtype, module: str,
+                      adapter_dir: Path) -> torch.Tensor:
+    """The merged weight; a non-finite one (inf/NaN in the adapter, or an overflow of ``dtype``) is refused,
+    naming the module, before anything is written (every variant's merged_weight checks, as PEFT's safe_merge)."""
+    try:
+        return update.merged_weight(weight, dtype)
+    except ValueError as err:
+        raise LorafitError(f"merging {adapter_dir} into {module} gives non-finite weights ({err}: the adapter "
+                           "holds inf/NaN, or the result overflows that dtype); nothing was written. Check the "
+                           "adapter with lorafit eval, or merge with --dtype float32") from None
+
+
+def refuse_remote_code(folder: Path, base: str, trust_remote_code: bool) -> None:
+    """A base whose architecture is code shipped with the checkpoint (config.json ``auto_map``, a model type
+    transformers does not know) runs that code when loaded; only with the user's explicit consent."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise LorafitError(f"BASE {base}: {folder / 'config.json'} is missing or not JSON ({err})") from None
+    custom = "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
+    if custom and not trust_remote_code:
+        raise LorafitError(f"BASE {base}: its config.json asks to run code shipped with the model (auto_map, "
+                           f"model_type {config.get('model_type')!r} unknown to transformers). Read that code, then "
+                           "pass --trust-remote-code to merge it, or use a base transformers supports natively")
 
 
 def parse_size(text: str) -> int:
@@ -185,7 +232,8 @@ def copy_model_files(source: Path, target: Path, dtype: str) -> None:
 
 
 @torch.no_grad()
-def verify_merge(merged_dir: Path, base: str, adapter_dir: Path, dtype: torch.dtype) -> tuple[float, float]:
+def verify_merge(merged_dir: Path, base: str, adapter_dir: Path, dtype: torch.dtype,
+                 trust_remote_code: bool = False) -> tuple[float, float]:
     """Max |logit difference| between the merged model and base + adapter (fp32) on a short text, and
     the same measure for the base model alone cast to ``dtype``: the rounding floor a correct merge
     cannot beat (0 for float32). A wrong merge shows up far above that floor."""
@@ -195,12 +243,13 @@ def verify_merge(merged_dir: Path, base: str, adapter_dir: Path, dtype: torch.dt
     from lorafit.inject import remove_lora
     from lorafit.model import load_base_model
 
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    remote = {"trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir, **remote)
     ids = tokenizer("The quick brown fox jumps over the lazy dog on 3 March 2021.", return_tensors="pt").input_ids
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, **remote).eval()
     merged_logits = merged(ids).logits.float()
     del merged
-    reference = load_base_model(ModelConfig(base=base, dtype="float32")).eval()
+    reference = load_base_model(ModelConfig(base=base, dtype="float32", **remote)).eval()
     load_adapter(reference, adapter_dir)
     diff = float((reference(ids).logits - merged_logits).abs().max())
     if not math.isfinite(diff):

@@ -90,7 +90,7 @@ def converted_gguf(source: BaseSource, model_cfg: ModelConfig) -> Path:
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "the converted GGUF model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return folder

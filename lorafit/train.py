@@ -23,6 +23,7 @@ from rich.console import Console
 from lorafit import precision
 from lorafit.adapter_io import save_adapter
 from lorafit.checkpoint import (
+    check_output_dir,
     latest_checkpoint,
     load_allocation,
     prepare_output,
@@ -35,6 +36,7 @@ from lorafit.config import LoRAConfig, Recipe
 from lorafit.data import Batches, TokenizedData, load_tokenized, pack, split_validation
 from lorafit.errors import LorafitError
 from lorafit.eva import RankAllocation, allocate_ranks
+from lorafit.files import FolderLock
 from lorafit.inject import adapters_to_float32, inject_lora, lora_modules, training_hooks
 from lorafit.lora import TrainingHooks
 from lorafit.loss import evaluate_loss, token_loss_sum, trained_positions
@@ -54,8 +56,15 @@ from lorafit.schedule import make_scheduler
 
 
 def train(recipe: Recipe, resume: str | None = None, console: Console | None = None) -> RunSummary:
-    """Run a recipe. ``resume`` is None, "latest", or a checkpoint folder."""
-    console = console or Console()
+    """Run a recipe. ``resume`` is None, "latest", or a checkpoint folder. One run at a time per output.dir:
+    the folder is locked for the life of the run."""
+    out = Path(recipe.output.dir)
+    check_output_dir(out, resume, recipe.inputs())
+    with FolderLock(out):
+        return _train(recipe, resume, console or Console())
+
+
+def _train(recipe: Recipe, resume: str | None, console: Console) -> RunSummary:
     started = time.perf_counter()
     plan = precision.resolve(recipe.model.dtype, recipe.train.precision, recipe.model.quantize)
     # From here on the recipe says what runs on this machine (auto resolved); OUT/recipe.yaml records it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import string
@@ -97,6 +98,53 @@ def input_ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=generator)
 
 
+@pytest.fixture
+def adapter(tmp_path, input_ids):
+    """A lorafit adapter with non-zero B on the tiny model, plus the logits base + adapter gives."""
+    from lorafit.adapter_io import save_adapter
+    from lorafit.config import LoRAConfig
+    from lorafit.inject import inject_lora
+
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize_lora_B(model)
+    save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        return tmp_path / "adapter", model(input_ids).logits
+
+
+# A training run on a tiny model: 32 date rows, an eval set, and a recipe builder (tests of train and faults).
+ROWS = [{"prompt": f"Convert {m} {d}, {1990 + d}", "completion": f"{1990 + d}-{m:02d}-{d:02d}"}
+        for m in range(1, 5) for d in range(1, 9)]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:6]))
+    return tmp_path
+
+
+def recipe_at(run_dir: Path, *overrides: str, out: str = "out"):
+    """The run's Recipe (written to run_dir/recipe.yaml, so the CLI can run the same one) with OUT = run_dir/out."""
+    from lorafit.config import load_recipe
+
+    text = f"""\
+model: {{base: {run_dir / 'tiny-llama'}, dtype: float32}}
+lora: {{r: 4, alpha: 8, dropout: 0.1}}
+data: {{train: {run_dir / 'train.jsonl'}, eval: {run_dir / 'eval.jsonl'}, max_seq_len: 64}}
+train: {{max_steps: 6, micro_batch_size: 4, lr: 1.0e-2, warmup_steps: 1, precision: "no", eval_every: 3,
+         save_every: 2, keep_last: 2, seed: 0}}
+output: {{dir: {run_dir / out}}}
+"""
+    return load_recipe(write_recipe(run_dir / "recipe.yaml", text), list(overrides))
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["event"] == "train"]
+
+
 def randomize_lora_B(model: torch.nn.Module, seed: int = 3) -> None:
     """B (VeRA: λ_b, AdaLoRA: E) starts at zero; give it values so the adapter changes the outputs under test."""
     from lorafit.inject import lora_modules
@@ -112,7 +160,6 @@ def randomize_lora_B(model: torch.nn.Module, seed: int = 3) -> None:
 def day_run(tmp_path: Path, model_dir: Path, lora: str, max_steps: int, lr: float):
     """For a variant's train-and-resume test: 16 tiny date rows, and ``recipe(out)`` -> that run's Recipe
     (``lora`` is the flow-style mapping, e.g. "r: 4, variant: dora"; a checkpoint every 3 steps)."""
-    import json
 
     from lorafit.config import load_recipe
 
@@ -134,8 +181,6 @@ output: {{dir: {tmp_path / out}}}
 
 def train_losses(out: Path) -> list[float]:
     """The per-step training losses a run logged in OUT/metrics.jsonl."""
-    import json
-
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x)["loss"] for x in lines if '"train"' in x]
 

@@ -15,18 +15,7 @@ from lorafit.inject import inject_lora
 from lorafit.lora import lora_delta, merged_weight
 from lorafit.merge import merge_adapter, parse_size
 
-from .conftest import randomize_lora_B, tiny_model
-
-
-@pytest.fixture
-def adapter(tmp_path, input_ids):
-    """A lorafit adapter with non-zero B on the tiny model, plus the logits base + adapter gives."""
-    model = tiny_model()
-    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
-    randomize_lora_B(model)
-    save_adapter(model, tmp_path / "adapter")
-    with torch.no_grad():
-        return tmp_path / "adapter", model(input_ids).logits
+from .conftest import tiny_model
 
 
 def test_merge_is_W_plus_scaling_B_A_by_hand():

@@ -16,34 +16,7 @@ from lorafit.lora import LoRALinear, TrainingHooks
 from lorafit.train import accumulate_gradients, make_accelerator
 from lorafit.train import train as run_training
 
-from .conftest import ctrl_c_after_step, tiny_model, tiny_tokenizer, write_recipe
-
-ROWS = [{"prompt": f"Convert {m} {d}, {1990 + d}", "completion": f"{1990 + d}-{m:02d}-{d:02d}"}
-        for m in range(1, 5) for d in range(1, 9)]
-
-
-@pytest.fixture
-def run_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:6]))
-    return tmp_path
-
-
-def recipe_at(run_dir: Path, *overrides: str, out: str = "out"):
-    text = f"""\
-model: {{base: {run_dir / 'tiny-llama'}, dtype: float32}}
-lora: {{r: 4, alpha: 8, dropout: 0.1}}
-data: {{train: {run_dir / 'train.jsonl'}, eval: {run_dir / 'eval.jsonl'}, max_seq_len: 64}}
-train: {{max_steps: 6, micro_batch_size: 4, lr: 1.0e-2, warmup_steps: 1, precision: "no", eval_every: 3,
-         save_every: 2, keep_last: 2, seed: 0}}
-output: {{dir: {run_dir / out}}}
-"""
-    return load_recipe(write_recipe(run_dir / "recipe.yaml", text), list(overrides))
-
-
-def losses(out: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if r["event"] == "train"]
+from .conftest import ROWS, ctrl_c_after_step, losses, recipe_at, tiny_model, tiny_tokenizer
 
 
 def test_run_writes_every_file_and_learns(run_dir):
