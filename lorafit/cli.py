@@ -229,16 +229,18 @@ def eval_command(
 ) -> None:
     """Compare the base model with one or more adapters: loss/perplexity and exact-match generation."""
     from lorafit.evaluate import eval_plan, run_eval
+    from lorafit.files import refuse_overlap, write_text_atomic
 
-    if json_path is not None:
-        _check_output_file(json_path, "--json")  # before minutes of evaluation, not after
+    if json_path is not None:  # before minutes of evaluation, not after
+        _check_output_file(json_path, "--json")
     plan = eval_plan(recipe, base, adapters or [], data, data_format, dtype, metrics or ["loss", "exact_match"])
+    if json_path is not None:
+        refuse_overlap(json_path, "--json", plan.inputs())
     with console.status("evaluating ..."):
         results = run_eval(plan, limit, max_new_tokens)
     console.print(eval_table(results))
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"results": [r.to_json() for r in results]}, indent=2) + "\n")
+        write_text_atomic(json_path, json.dumps({"results": [r.to_json() for r in results]}, indent=2) + "\n")
 
 
 @app.command()

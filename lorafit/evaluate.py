@@ -58,6 +58,14 @@ class EvalPlan:
     metrics: list[str]
     max_seq_len: int = 1024
 
+    def inputs(self) -> dict[str, Path]:
+        """The local files and folders this evaluation reads (an output must never replace one of them)."""
+        found = {f"--adapter {adapter}": adapter for adapter in self.adapters}
+        for label, value in (("--data", self.data_path), ("--base", self.model_cfg.base)):
+            if Path(value).exists():
+                found[label] = Path(value)
+        return found
+
 
 def eval_plan(recipe: Path | None, base: str | None, adapters: list[Path], data: str | None, data_format: str,
               dtype: str, metrics: list[str]) -> EvalPlan:

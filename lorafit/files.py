@@ -74,6 +74,18 @@ def write_failure(target: Path, what: str, kept: str = "") -> Iterator[None]:
         raise LorafitError(f"could not write {what} {target}{after}: {problem}") from None
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a small text file whole (temp file beside it, then rename): never a half-written one."""
+    with write_failure(path, "the file"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def aside_path(final: Path) -> Path:
     """Where ``atomic_dir`` keeps the previous ``final`` while the new one is moved in."""
     return final.parent / f".{final.name}.previous"
@@ -155,8 +167,8 @@ def refuse_overlap(out: Path, option: str, inputs: dict[str, Path]) -> None:
         relation = ("is" if target == source else "lies inside" if source in target.parents
                     else "contains" if target in source.parents else None)
         if relation:
-            raise LorafitError(f"{option} {out} {relation} {label} ({path}); writing there would replace it. "
-                               f"Choose an {option} outside it (this is refused even with --overwrite)")
+            raise LorafitError(f"{option} {out} {relation} {label} ({path}): lorafit never writes over its inputs "
+                               f"(not even with --overwrite). Choose another {option}")
 
 
 class ExclusiveLock:

@@ -14,8 +14,7 @@ from lorafit.eva import IncrementalPCA, RankAllocation, allocate_eva, allocate_r
 from lorafit.inject import find_targets, inject_lora, lora_modules
 from lorafit.train import train as run_training
 
-from .conftest import ctrl_c_after_step, tiny_model, tiny_tokenizer
-from .test_train import losses, recipe_at, run_dir  # noqa: F401  (run_dir is a fixture)
+from .conftest import ctrl_c_after_step, losses, recipe_at, tiny_model, tiny_tokenizer
 
 ROWS = [{"prompt": f"Convert {m} {d}, {1990 + d}", "completion": f"{1990 + d}-{m:02d}-{d:02d} and {m * d}"}
         for m in range(1, 13) for d in range(1, 29)]

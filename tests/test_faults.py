@@ -139,6 +139,16 @@ def test_output_dir_dot_never_writes_over_the_recipe(tmp_path, tiny_model_dir):
     assert recipe.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_eval_json_never_replaces_the_data_or_an_adapter(tmp_path, tiny_model_dir, adapter):
+    adapter_dir, _ = adapter
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    args = ["eval", "--base", str(tiny_model_dir), "--adapter", str(adapter_dir), "--data", str(data)]
+    clean_failure(run(*args, "--json", str(data)), f"--json {data} is --data", "never writes over its inputs")
+    clean_failure(run(*args, "--json", str(adapter_dir / "r.json")), "lies inside --adapter")
+    assert data.read_text() == '{"prompt": "a", "completion": "b"}\n' and not (adapter_dir / "r.json").exists()
+
+
 def test_data_file_among_the_run_files_is_refused(run_dir):
     out = run_dir / "out"
     out.mkdir()
@@ -155,7 +165,7 @@ def test_data_file_among_the_run_files_is_refused(run_dir):
 def test_merge_never_replaces_its_inputs_even_with_overwrite(tmp_path, tiny_model_dir, adapter, out, relation):
     adapter_dir, _ = adapter
     before = {folder: folder_bytes(folder) for folder in (adapter_dir, tiny_model_dir)}
-    with pytest.raises(LorafitError, match=f"OUT .* {relation} .*refused even with --overwrite"):
+    with pytest.raises(LorafitError, match=f"OUT .* {relation} .*never writes over its inputs \\(not even with"):
         merge_adapter(str(tiny_model_dir), adapter_dir, tmp_path / out, dtype="float32", overwrite=True)
     assert {folder: folder_bytes(folder) for folder in before} == before
 
