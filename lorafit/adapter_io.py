@@ -239,11 +239,14 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LorafitError(f"{adapter_dir}: no {CONFIG_NAME} here, so this is not an adapter folder")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LorafitError(f"{path}: could not be read as JSON ({err})") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") not in ("LORA", "VERA", "ADALORA"):
-        kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+    if not isinstance(config, dict):
+        raise LorafitError(f"{path}: expected a JSON object of PEFT config fields, found a JSON "
+                           f"{type(config).__name__}; re-save the adapter with lorafit or PEFT")
+    if config.get("peft_type", "LORA") not in ("LORA", "VERA", "ADALORA"):
+        kind = config.get("peft_type")
         raise LorafitError(f"{path}: peft_type {kind!r} is not supported; lorafit loads LORA (incl. DoRA), "
                            "VERA and ADALORA adapters")
     if config.get("peft_type") == "VERA" and not config.get("save_projection", True):

@@ -374,6 +374,8 @@ def locate_package_file(spec: str) -> Path:
 
 
 def _read_text(path: Path) -> str:
+    if path.is_dir():
+        raise LorafitError(f"recipe file {path} is a folder; give the recipe's .yaml file (see configs/ for examples)")
     if not path.is_file():
         raise LorafitError(f"recipe file {path} does not exist; check the path (see configs/ for examples)")
     try:

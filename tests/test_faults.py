@@ -328,6 +328,14 @@ def test_merge_refuses_a_base_that_runs_its_own_code_unless_trusted(tmp_path, ti
     assert diff and float(diff.group(1)) < 1e-5  # fp32 merge: rounding only
 
 
+def test_a_folder_as_recipe_and_a_json_list_as_adapter_config(tmp_path, tiny_model_dir, adapter):
+    adapter_dir, _ = adapter
+    clean_failure(run("train", str(tmp_path)), f"recipe file {tmp_path} is a folder")
+    (adapter_dir / "adapter_config.json").write_text("[1, 2]")
+    clean_failure(run("merge", str(tiny_model_dir), str(adapter_dir), str(tmp_path / "m")),
+                  "adapter_config.json: expected a JSON object of PEFT config fields, found a JSON list")
+
+
 def test_lorafit_debug_adds_the_traceback(tmp_path):
     quiet = run("plan", str(tmp_path / "none.yaml"))
     clean_failure(quiet, "does not exist")
