@@ -19,6 +19,7 @@ import torch
 
 from lorafit.adapter_io import restore_adapter_weights, write_adapter_files
 from lorafit.config import RankAllocationConfig, Recipe
+from lorafit.distributed import gather_all, world_size
 from lorafit.errors import LorafitError
 from lorafit.eva import RankAllocation
 from lorafit.files import atomic_dir, tidy_after_kill, write_bytes
@@ -62,9 +63,18 @@ def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path
     return None, [out / name for name in existing]
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, recipe: Recipe, keep_last: int) -> Path:
-    """OUT/checkpoints/step-NNNNNN: a loadable adapter plus the state to continue; written atomically."""
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, recipe: Recipe, keep_last: int,
+                    main: bool = True) -> Path:
+    """OUT/checkpoints/step-NNNNNN: a loadable adapter plus the state to continue; written atomically.
+
+    Every process calls this (each one's RNG state is gathered: dropout draws differ per process); only the
+    main one writes. Model and optimizer state are the same in every process (DDP keeps them in step).
+    """
     final = out / "checkpoints" / f"step-{step:06d}"
+    rng = gather_all({"torch": torch.get_rng_state(), "python": random.getstate(),
+                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+    if not main:
+        return final
     previous = latest_checkpoint(out)
     kept = (f"the previous checkpoint {previous} is intact (continue from it with --resume)" if previous
             else "no checkpoint was written yet")
@@ -75,8 +85,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, re
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "hooks": hooks.state_dict(),  # the variant's loop state (AdaLoRA), {} for most
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": rng[0],
+            "rng_per_process": rng,  # [rank] -> that process's RNG states
         }
         buffer = io.BytesIO()  # the state is the adapter's size (optimizer moments), so it fits in memory
         torch.save(state, buffer)
@@ -96,15 +106,27 @@ def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler, hooks) -> 
         restore_adapter_weights(model, checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(_as_tuple(state["rng"]["python"]))
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = _own_rng(state, checkpoint)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_as_tuple(rng["python"]))
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
         return int(state["step"])
     except LorafitError:
         raise
     except Exception as err:  # any failure to read it back means the file is not a checkpoint of this run
         raise LorafitError(_damaged(path, checkpoint, err)) from None
+
+
+def _own_rng(state: dict, checkpoint: Path) -> dict:
+    """This process's RNG states. The data split (and so the run) depends on the number of processes, so a
+    checkpoint continues exactly only with as many processes as wrote it."""
+    per_process = state.get("rng_per_process", [state["rng"]])
+    if len(per_process) != world_size():
+        raise LorafitError(f"{checkpoint} was written by a run of {len(per_process)} process(es) and this run has "
+                           f"{world_size()}; resume with {len(per_process)} (each process's share of every batch "
+                           "depends on the count), or train again without --resume")
+    return per_process[torch.distributed.get_rank() if world_size() > 1 else 0]
 
 
 def _damaged(path: Path, checkpoint: Path, err: Exception) -> str:

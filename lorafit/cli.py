@@ -176,7 +176,7 @@ def _planned_allocation(model, recipe):
     if torch.cuda.is_available():
         model.to("cuda")  # where train runs it
     with console.status("allocating ranks (EVA: forward passes over training batches) ..."):
-        return allocate_ranks(model, recipe.lora, lambda position: batches.get(position)[0])
+        return allocate_ranks(model, recipe.lora, batches.get_global)
 
 
 @app.command()
@@ -295,13 +295,29 @@ def train(
     resume_from: Annotated[
         Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.", show_default=False)
     ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option("--nproc", min=1, show_default=False,
+                     help="Train as N data-parallel processes on this machine (accelerate's launcher; one per GPU)."),
+    ] = None,
 ) -> None:
     """Fine-tune the recipe's base model with LoRA; writes the adapter, checkpoints, metrics and a loss plot."""
     from lorafit.config import load_recipe
     from lorafit.train import train as run_training
 
-    loaded = load_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides)  # checked here once, before any process starts
+    if nproc is not None and nproc > 1:
+        from lorafit.distributed import launch
+
+        args = [str(recipe), *(f"--set={item}" for item in overrides or []),
+                *(["--resume"] if resume else []), *([f"--resume-from={resume_from}"] if resume_from else [])]
+        code = launch(nproc, args)
+        if code:
+            raise typer.Exit(code=2 if code == 1 else code)  # each process printed its own message
+        return
     summary = run_training(loaded, str(resume_from) if resume_from else ("latest" if resume else None), console)
+    if not summary.main_process:
+        return
     console.print(summary_table(summary))
     if summary.ranks is not None:
         console.print(rank_table(summary.ranks, f"rank per module at the end ({sum(summary.ranks.values())} in all; "

@@ -325,18 +325,40 @@ class Batches:
 
     Micro-batch ``k`` is batch ``k % per_epoch`` of epoch ``k // per_epoch``; each epoch's order is a
     permutation seeded by (seed, epoch), so no sampler state needs saving — only ``k``.
+
+    With ``world`` processes the stream is global: micro-batch ``k`` holds ``micro_batch_size × world`` rows
+    and process ``rank`` takes the ``rank``-th slice of ``micro_batch_size`` rows, so N processes together
+    see exactly the rows one process with an N-times larger micro-batch sees, in the same order.
     """
 
-    def __init__(self, rows: list[dict[str, list[int]]], micro_batch_size: int, seed: int, pad_id: int):
-        self.rows, self.size, self.seed, self.pad_id = rows, micro_batch_size, seed, pad_id
-        self.per_epoch = math.ceil(len(rows) / micro_batch_size)
+    def __init__(self, rows: list[dict[str, list[int]]], micro_batch_size: int, seed: int, pad_id: int,
+                 rank: int = 0, world: int = 1):
+        self.rows, self.micro, self.seed, self.pad_id = rows, micro_batch_size, seed, pad_id
+        self.rank, self.world = rank, world
+        self.size = micro_batch_size * world  # rows in one global micro-batch
+        self.per_epoch = math.ceil(len(rows) / self.size)
         self._order: tuple[int, list[int]] | None = None
 
     def get(self, position: int) -> tuple[dict[str, torch.Tensor], int]:
-        """The micro-batch at ``position`` and its number of real (non-padding) tokens."""
+        """This process's share of the micro-batch at ``position`` and its number of real (non-padding) tokens.
+
+        At an epoch's end a share can be empty (fewer rows left than processes need); that process then runs
+        one row with every label masked: it trains nothing but takes part in the gradient all-reduce."""
+        chosen = self.global_rows(position)
+        share = chosen[self.rank * self.micro : (self.rank + 1) * self.micro]
+        if not share:
+            ghost = {**chosen[0], "labels": [IGNORE_INDEX] * len(chosen[0]["labels"])}
+            return collate([ghost], self.pad_id), 0
+        return collate(share, self.pad_id), sum(len(row["input_ids"]) for row in share)
+
+    def get_global(self, position: int) -> dict[str, torch.Tensor]:
+        """The whole micro-batch at ``position`` (every process's share): what a rank allocation reads, so
+        that every process computes the same allocation."""
+        return collate(self.global_rows(position), self.pad_id)
+
+    def global_rows(self, position: int) -> list[dict[str, list[int]]]:
         epoch, index = divmod(position, self.per_epoch)
         if self._order is None or self._order[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._order = (epoch, torch.randperm(len(self.rows), generator=generator).tolist())
-        chosen = [self.rows[i] for i in self._order[1][index * self.size : (index + 1) * self.size]]
-        return collate(chosen, self.pad_id), sum(len(row["input_ids"]) for row in chosen)
+        return [self.rows[i] for i in self._order[1][index * self.size : (index + 1) * self.size]]

@@ -46,6 +46,22 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
+class TokenLoss(nn.Module):
+    """The training objective as a module: ``TokenLoss(model)(**batch)`` == ``token_loss_sum(model, batch)``.
+
+    This is what accelerate wraps for training. DDP arms its gradient all-reduce in the wrapper's forward,
+    and the fused loss calls the decoder directly, so the wrapper must run the whole objective, not the
+    model's own forward (which would compute every logit).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return token_loss_sum(self.model, batch)
+
+
 def trained_positions(batch: dict[str, torch.Tensor]) -> int:
     """How many positions of ``batch`` are trained: position t counts when token t+1's label is kept.
     The denominator of the loss per trained token, in training, eval and the benchmarks alike."""
@@ -114,11 +130,20 @@ def _unwrap(model):
 @torch.no_grad()
 def evaluate_loss(model, data: TokenizedData, micro_batch_size: int, pad_id: int, device: torch.device) -> float:
     """Mean loss per trained token over the whole eval set (not a mean of batch means)."""
+    total, count = evaluate_loss_sums(model, data.examples, micro_batch_size, pad_id, device)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_loss_sums(model, examples: list[dict], micro_batch_size: int, pad_id: int,
+                       device: torch.device) -> tuple[float, int]:
+    """Summed loss and trained positions over ``examples``: sums, so that processes each scoring a share
+    of the eval set can add theirs into the loss of the whole set."""
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(data.examples), micro_batch_size):
-        batch = collate(data.examples[start : start + micro_batch_size], pad_id)
+    for start in range(0, len(examples), micro_batch_size):
+        batch = collate(examples[start : start + micro_batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         total += float(token_loss_sum(model, batch))
         count += trained_positions(batch)
-    return total / max(count, 1)
+    return total, count

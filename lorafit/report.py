@@ -40,15 +40,20 @@ class RunSummary:
     train_data: TokenizedData
     eval_data: TokenizedData | None
     ranks: dict[str, int] | None = None  # final rank per module, when the run chose them (EVA, AdaLoRA)
+    main_process: bool = True  # the process that wrote the files and shows the summary
+    world_size: int = 1  # processes that trained together
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per event, flushed at once so a crash loses nothing logged."""
+    """metrics.jsonl: one JSON object per event, flushed at once so a crash loses nothing logged.
+    ``path`` None: a process that is not the main one logs nothing."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -63,7 +68,8 @@ def summary_table(summary: RunSummary) -> Table:
     if summary.eval_data is not None:
         table.add_row("eval loss", f"{fmt(summary.base_eval_loss)} (base) -> {fmt(summary.eval_loss)} (adapter)")
     table.add_row("wall time", f"{summary.wall_seconds:.1f} s")
-    table.add_row("throughput", f"{summary.tokens_per_second:,.0f} tokens/s (training steps only)")
+    processes = f", all {summary.world_size} processes together" if summary.world_size > 1 else ""
+    table.add_row("throughput", f"{summary.tokens_per_second:,.0f} tokens/s (training steps only{processes})")
     table.add_row("peak memory", f"{summary.peak_memory_bytes / 2**30:.2f} GiB")
     table.add_row("adapter", str(summary.adapter_dir))
     return table
@@ -218,11 +224,13 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.3f} GiB"
 
 
-def make_progress(console: Console, total: int, completed: int):
+def make_progress(console: Console, total: int, completed: int, world_size: int = 1):
+    """The step bar; with several processes it says how many (tokens/s is then theirs together)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    label = "[bold]train" + (f" x{world_size} processes" if world_size > 1 else "")
     progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn(label), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
         TimeRemainingColumn(), console=console, transient=False,
     )

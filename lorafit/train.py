@@ -8,6 +8,7 @@ sees and what is logged (progress, metrics.jsonl, plot, summary) in ``report``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -34,12 +35,13 @@ from lorafit.checkpoint import (
 )
 from lorafit.config import LoRAConfig, Recipe
 from lorafit.data import Batches, TokenizedData, load_tokenized, pack, split_validation
+from lorafit.distributed import any_across, from_main, process_state, sum_across
 from lorafit.errors import LorafitError
 from lorafit.eva import RankAllocation, allocate_ranks
 from lorafit.files import FolderLock
 from lorafit.inject import adapters_to_float32, inject_lora, lora_modules, training_hooks
 from lorafit.lora import TrainingHooks
-from lorafit.loss import evaluate_loss, token_loss_sum, trained_positions
+from lorafit.loss import TokenLoss, evaluate_loss_sums, trained_positions
 from lorafit.model import compile_layers, load_base_model, load_tokenizer
 from lorafit.report import (
     MetricsLog,
@@ -56,23 +58,31 @@ from lorafit.schedule import make_scheduler
 
 
 def train(recipe: Recipe, resume: str | None = None, console: Console | None = None) -> RunSummary:
-    """Run a recipe. ``resume`` is None, "latest", or a checkpoint folder. One run at a time per output.dir:
-    the folder is locked for the life of the run."""
+    """Run a recipe. ``resume`` is None, "latest", or a checkpoint folder.
+
+    Launched as several processes (torchrun, accelerate launch, ``--nproc``), every process runs this same
+    function on its share of each micro-batch; the main process alone owns the output folder: it holds the
+    folder's lock for the life of the run and writes every file.
+    """
     out = Path(recipe.output.dir)
     check_output_dir(out, resume, recipe.inputs())
-    with FolderLock(out):
-        return _train(recipe, resume, console or Console())
+    processes = process_state()
+    main = processes.is_main_process
+    with FolderLock(out) if main else contextlib.nullcontext():
+        return _train(recipe, resume, (console or Console()) if main else Console(quiet=True), main)
 
 
-def _train(recipe: Recipe, resume: str | None, console: Console) -> RunSummary:
+def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> RunSummary:
     started = time.perf_counter()
     plan = precision.resolve(recipe.model.dtype, recipe.train.precision, recipe.model.quantize)
     # From here on the recipe says what runs on this machine (auto resolved); OUT/recipe.yaml records it.
     recipe = resolved_recipe(recipe, plan)
     cfg = recipe.train
     out = Path(recipe.output.dir)
-    checkpoint, stale = prepare_output(out, recipe.output.overwrite, resume)
+    checkpoint, stale = prepare_output(out, recipe.output.overwrite, resume) if main else (None, [])
+    checkpoint = from_main(checkpoint)  # the main process tidied OUT; every process resumes from its choice
     accelerator = make_accelerator(plan.mixed_precision)
+    rank, world = accelerator.process_index, accelerator.num_processes
     console.print(plan.describe(), highlight=False)
     warning = precision.emulated_bf16_warning(plan)
     if warning:
@@ -80,8 +90,12 @@ def _train(recipe: Recipe, resume: str | None, console: Console) -> RunSummary:
 
     # Data first: a bad file must fail before anything lands in OUT or a model loads for nothing.
     tokenizer = load_tokenizer(recipe.model)
-    train_data, eval_data, batches = training_data(recipe, tokenizer)
+    train_data, eval_data, batches = training_data(recipe, tokenizer, rank, world)
     report_data(console, train_data, eval_data)
+    if world > 1:
+        console.print(f"{world} processes ({accelerator.distributed_type.value}): micro-batch {cfg.micro_batch_size} "
+                      f"per process x grad_accum {cfg.grad_accum} x {world} = global batch "
+                      f"{cfg.micro_batch_size * cfg.grad_accum * world} rows per step", highlight=False)
 
     torch.manual_seed(cfg.seed)  # LoRA A init, dropout
     random.seed(cfg.seed)
@@ -103,15 +117,18 @@ def _train(recipe: Recipe, resume: str | None, console: Console) -> RunSummary:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(cfg.scheduler, optimizer, cfg.warmup_steps, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    hooks = training_hooks(accelerator.unwrap_model(model), total_steps)
+    # accelerate wraps the objective (model + loss), not the bare model: see loss.TokenLoss. The scheduler
+    # stays ours: accelerate's would step once per process per step (it assumes a dataloader it sharded).
+    objective, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    hooks = training_hooks(model, total_steps)
 
     start_step = 0
     if checkpoint is not None:
         start_step = restore_checkpoint(checkpoint, model, optimizer, scheduler, hooks)
-        truncate_metrics(out / "metrics.jsonl", start_step)
+        if main:
+            truncate_metrics(out / "metrics.jsonl", start_step)
         console.print(f"resumed from {checkpoint} at step {start_step}")
-    else:
+    elif main:
         # Only now, with data and model loaded fine, is the previous run (output.overwrite) removed.
         for path in stale:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -120,11 +137,15 @@ def _train(recipe: Recipe, resume: str | None, console: Console) -> RunSummary:
         if allocation is not None:
             save_allocation(out, allocation, recipe.lora.rank_allocation)
 
-    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics = MetricsLog(out / "metrics.jsonl" if main else None)
 
     def eval_now() -> float:
+        # Each process scores every world-th example; the sums over all of them give the whole set's loss.
         with accelerator.autocast():  # the same precision as training
-            return evaluate_loss(model, eval_data, cfg.micro_batch_size, tokenizer.pad_token_id, accelerator.device)
+            total, count = evaluate_loss_sums(model, eval_data.examples[rank::world], cfg.micro_batch_size,
+                                              tokenizer.pad_token_id, accelerator.device)
+        total, count = sum_across([total, count], accelerator.device)
+        return total / max(count, 1)
 
     base_eval_loss = None
     if eval_data is not None and start_step == 0:
@@ -136,15 +157,16 @@ def _train(recipe: Recipe, resume: str | None, console: Console) -> RunSummary:
     stop = StopRequest()
     done = StepResult.none()
     eval_loss = None
-    with stop, make_progress(console, total_steps, start_step) as progress:
+    with stop, make_progress(console, total_steps, start_step, world) as progress:
         for step in range(start_step + 1, total_steps + 1):
-            # Ctrl-C: the previous step is complete, so checkpoint it and stop.
-            if stop.requested:
-                path = save_checkpoint(out, step - 1, model, optimizer, scheduler, hooks, recipe, cfg.keep_last)
+            # Ctrl-C (in any process): the previous step is complete, so checkpoint it and stop.
+            if any_across(stop.requested, accelerator.device):
+                path = save_checkpoint(out, step - 1, model, optimizer, scheduler, hooks, recipe, cfg.keep_last,
+                                       main)
                 raise LorafitError(f"interrupted after step {step - 1}; checkpoint saved to {path}. "
                                    f"Continue with: lorafit train RECIPE --resume")
             # Step: forward/backward over grad_accum micro-batches, clip, optimizer and schedule.
-            result = train_step(model, batches, step, cfg, accelerator, optimizer, scheduler, params, hooks)
+            result = train_step(objective, batches, step, cfg, accelerator, optimizer, scheduler, params, hooks)
             if not math.isfinite(result.loss):
                 raise non_finite_loss(result.loss, step, out)
             done = done.plus(result)
@@ -160,32 +182,37 @@ def _train(recipe: Recipe, resume: str | None, console: Console) -> RunSummary:
                 progress.console.print(f"step {step} eval loss {eval_loss:.4f}")
             # Save: every save_every steps (the end writes the final adapter instead).
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_checkpoint(out, step, model, optimizer, scheduler, hooks, recipe, cfg.keep_last)
+                save_checkpoint(out, step, model, optimizer, scheduler, hooks, recipe, cfg.keep_last, main)
 
-    adapter_dir = save_adapter(accelerator.unwrap_model(model), out / "adapter", recipe.model.base)
-    plot_losses(out / "metrics.jsonl", out / "loss.png")
-    ranks = chosen_ranks(accelerator.unwrap_model(model), allocation)
-    if ranks is not None:
-        plot_ranks(ranks, out / "ranks.png", f"rank per module: {sum(ranks.values())} in all "
-                                              f"({'EVA allocation' if allocation else 'kept after pruning'})")
+    adapter_dir = out / "adapter"
+    ranks = chosen_ranks(model, allocation)
+    if main:
+        save_adapter(model, adapter_dir, recipe.model.base)
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+        if ranks is not None:
+            plot_ranks(ranks, out / "ranks.png", f"rank per module: {sum(ranks.values())} in all "
+                                                  f"({'EVA allocation' if allocation else 'kept after pruning'})")
+    accelerator.wait_for_everyone()  # no process reports success before the files are written
     return RunSummary(
         adapter_dir=adapter_dir, steps=total_steps, train_loss=done.loss, eval_loss=eval_loss,
         base_eval_loss=base_eval_loss, wall_seconds=time.perf_counter() - started,
         tokens_per_second=done.tokens / done.seconds if done.seconds else 0.0,
         peak_memory_bytes=peak_memory(accelerator.device), report=report,
-        train_data=train_data, eval_data=eval_data, ranks=ranks,
+        train_data=train_data, eval_data=eval_data, ranks=ranks, main_process=main, world_size=world,
     )
 
 
-def training_data(recipe: Recipe, tokenizer) -> tuple[TokenizedData, TokenizedData | None, Batches]:
-    """The recipe's train and eval sets, tokenized, and the seeded micro-batch stream training reads."""
+def training_data(recipe: Recipe, tokenizer, rank: int = 0,
+                  world: int = 1) -> tuple[TokenizedData, TokenizedData | None, Batches]:
+    """The recipe's train and eval sets, tokenized, and the seeded micro-batch stream training reads (this
+    process's share of it, when there are ``world`` processes)."""
     data = recipe.data
     train_data = load_tokenized(data.train, data, tokenizer)
     eval_data = load_tokenized(data.eval, data, tokenizer) if data.eval else None
     if data.val_fraction:
         train_data, eval_data = split_validation(train_data, data.val_fraction, recipe.train.seed)
     rows = pack(train_data.examples, data.max_seq_len) if data.packing else train_data.examples
-    batches = Batches(rows, recipe.train.micro_batch_size, recipe.train.seed, tokenizer.pad_token_id)
+    batches = Batches(rows, recipe.train.micro_batch_size, recipe.train.seed, tokenizer.pad_token_id, rank, world)
     return train_data, eval_data, batches
 
 
@@ -199,7 +226,8 @@ def rank_allocation(model, lora: LoRAConfig, batches: Batches, device: torch.dev
         return load_allocation(resumed_out)
     model.to(device)
     with console.status("allocating ranks (EVA: forward passes over training batches) ..."):
-        allocation = allocate_ranks(model, lora, lambda position: batches.get(position)[0])
+        # Whole global micro-batches: every process computes the same allocation (same layers everywhere).
+        allocation = allocate_ranks(model, lora, batches.get_global)
     console.print(allocation_table(allocation, lora.rank_allocation))
     return allocation
 
@@ -239,22 +267,24 @@ class StepResult:
                 "tokens_per_s": self.tokens / self.seconds}
 
 
-def train_step(model, batches: Batches, step: int, cfg, accelerator, optimizer, scheduler, params,
+def train_step(objective, batches: Batches, step: int, cfg, accelerator, optimizer, scheduler, params,
                hooks: TrainingHooks) -> StepResult:
-    """Optimizer step number ``step`` (1-based): its micro-batches are positions (step-1)·grad_accum + k."""
+    """Optimizer step number ``step`` (1-based): its micro-batches are positions (step-1)·grad_accum + k.
+    Loss and tokens are those of the whole step over all processes."""
     started = time.perf_counter()
-    model.train()
+    objective.train()
     micro = [batches.get((step - 1) * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-    loss = accumulate_gradients(model, [batch for batch, _ in micro], accelerator, hooks)
+    loss = accumulate_gradients(objective, [batch for batch, _ in micro], accelerator, hooks)
     grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
     lr = scheduler.get_last_lr()[0]
     if math.isfinite(loss):  # a non-finite step is reported by the caller and never applied
         optimizer.step()
-        scheduler.step()
+        if not getattr(optimizer, "step_was_skipped", False):  # fp16 loss scaling skipped an overflowing step
+            scheduler.step()
         hooks.on_step_end(step)  # the variant's schedule (AdaLoRA), with this step's gradients still there
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, lr, None if grad_norm is None else float(grad_norm), sum(n for _, n in micro),
-                      time.perf_counter() - started)
+    tokens = int(sum_across([sum(n for _, n in micro)], accelerator.device)[0])
+    return StepResult(loss, lr, None if grad_norm is None else float(grad_norm), tokens, time.perf_counter() - started)
 
 
 def non_finite_loss(loss: float, step: int, out: Path) -> LorafitError:
@@ -299,26 +329,32 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
     return optimizers[name](params, lr=lr, weight_decay=weight_decay)
 
 
-def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], accelerator,
+def accumulate_gradients(objective, micro_batches: list[dict[str, torch.Tensor]], accelerator,
                          hooks: TrainingHooks | None = None) -> float:
     """Backward over one optimizer step's micro-batches; returns the step's loss per trained token.
 
-    Each micro-batch's summed loss is divided by the trained tokens of the whole step, so grad_accum=2
-    with B rows gives the same gradient as one batch of 2B rows (not a mean of per-batch means). A
-    variant's regularization term joins each micro-batch's loss divided by their number: once per step.
-    The returned loss is the language-model loss alone, comparable with eval loss.
+    ``objective`` is a ``TokenLoss`` (as accelerate prepared it). Each micro-batch's summed loss is divided
+    by the trained tokens of the whole step — over all processes — so grad_accum=2 with B rows gives the
+    same gradient as one batch of 2B rows, and N processes with B rows each the same as one with N·B (not a
+    mean of per-batch means). DDP averages gradients over the N processes, hence the factor N. Gradients are
+    all-reduced once, on the last micro-batch. A variant's regularization term joins each micro-batch's loss
+    divided by their number: once per step. The returned loss is the language-model loss alone, comparable
+    with eval loss.
     """
-    target_tokens = max(sum(trained_positions(b) for b in micro_batches), 1)
+    device, world = accelerator.device, accelerator.num_processes
+    target_tokens = max(sum_across([sum(trained_positions(b) for b in micro_batches)], device)[0], 1)
     step_loss = 0.0
-    for batch in micro_batches:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        # accelerate puts autocast around model.forward only; the fused loss runs the decoder directly.
-        with accelerator.autocast():
-            loss = token_loss_sum(model, batch) / target_tokens
-        step_loss += loss.item()
-        penalty = hooks.regularization() if hooks is not None else None
-        accelerator.backward(loss if penalty is None else loss + penalty / len(micro_batches))
-    return step_loss
+    for k, batch in enumerate(micro_batches):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        last = k == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(objective):
+            with accelerator.autocast():  # around the loss too: the same precision as the model's forward
+                loss = objective(**batch) / target_tokens
+            step_loss += loss.item()
+            penalty = hooks.regularization() if hooks is not None else None
+            scaled = loss * world
+            accelerator.backward(scaled if penalty is None else scaled + penalty / len(micro_batches))
+    return sum_across([step_loss], device)[0]
 
 
 class StopRequest:

@@ -9,6 +9,7 @@ import yaml
 from lorafit import precision
 from lorafit.config import load_recipe
 from lorafit.errors import LorafitError
+from lorafit.loss import TokenLoss
 from lorafit.precision import Hardware, resolve
 from lorafit.train import accumulate_gradients, make_accelerator
 from lorafit.train import train as run_training
@@ -88,7 +89,7 @@ def test_bf16_autocast_over_fp32_weights_covers_the_fused_loss_path(model, input
     seen = linear_output_dtypes(model)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
     accelerator = make_accelerator("bf16")
-    accumulate_gradients(accelerator.prepare(model), [batch], accelerator)
+    accumulate_gradients(accelerator.prepare(TokenLoss(model)), [batch], accelerator)
     assert seen and set(seen) == {torch.bfloat16}
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 for g in grads)

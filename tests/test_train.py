@@ -13,6 +13,7 @@ from lorafit.data import collate, tokenize_rows
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora, lora_modules
 from lorafit.lora import LoRALinear, TrainingHooks
+from lorafit.loss import TokenLoss
 from lorafit.train import accumulate_gradients, make_accelerator
 from lorafit.train import train as run_training
 
@@ -84,7 +85,7 @@ def micro_batches(sizes: list[int]):
 
 def lora_grads(model, batches) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    accumulate_gradients(model, batches, make_accelerator("no"))
+    accumulate_gradients(TokenLoss(model), batches, make_accelerator("no"))
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -149,9 +150,9 @@ def test_bad_data_writes_nothing(run_dir, content, message):
 
 
 def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(run_dir, monkeypatch):
-    from lorafit import train as train_module
+    from lorafit import loss as loss_module
 
-    original = train_module.token_loss_sum
+    original = loss_module.token_loss_sum
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -159,7 +160,7 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(run_dir, monkey
         calls["n"] += int(model.training)  # one training micro-batch per step here
         return loss * float("nan") if model.training and calls["n"] > 4 else loss
 
-    monkeypatch.setattr(train_module, "token_loss_sum", poisoned)  # accumulate_gradients' name for it
+    monkeypatch.setattr(loss_module, "token_loss_sum", poisoned)  # what TokenLoss calls
     with pytest.raises(LorafitError, match=r"loss became nan at step 5.*step-000004"):
         run_training(recipe_at(run_dir, "data.eval=null"))
     assert not (run_dir / "out" / "adapter").exists()
@@ -208,7 +209,7 @@ def test_variant_regularization_joins_the_step_loss_once():
     plain = lora_grads(model, micro_batches([4, 4]))
     hooks = _RecordingHooks(lora_modules(model), total_steps=1)
     model.zero_grad(set_to_none=True)
-    accumulate_gradients(model, micro_batches([4, 4]), make_accelerator("no"), hooks)
+    accumulate_gradients(TokenLoss(model), micro_batches([4, 4]), make_accelerator("no"), hooks)
     for name, param in model.named_parameters():
         if param.requires_grad:
             expected = plain[name] + (param.detach() if "lora_B" in name else 0)

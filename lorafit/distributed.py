@@ -1,0 +1,102 @@
+"""More than one process: who this process is, the few collectives lorafit needs, and the launcher.
+
+accelerate owns distribution: the process group, the DDP wrapper and its gradient all-reduce. lorafit only
+needs its rank (to take its share of the batch stream and to write files once) and to sum a few numbers
+across processes (trained tokens, losses, eval sums), so that N processes compute what one process would
+with the same global batch. Every function here is a no-op in a single process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lorafit.errors import LorafitError
+
+# Environment variables by which launchers (torchrun, accelerate, MPI) announce how many processes there are.
+_WORLD_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def process_state():
+    """accelerate's view of this process (initialising the process group when launched as several):
+    CUDA when present, else CPU with the gloo backend. Refuses processes that would train alone."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    refuse_lonely_processes(str(state.distributed_type), os.environ)
+    return state
+
+
+def refuse_lonely_processes(distributed_type: str, env: Mapping[str, str]) -> None:
+    """Several processes launched, but accelerate runs each one alone (distributed type NO): each would train
+    on all the data and write over the others' files. Refused, with the launch that works."""
+    declared = max(int(env.get(name, "1") or 1) for name in _WORLD_VARIABLES)
+    if declared > 1 and distributed_type.rsplit(".", 1)[-1] == "NO":
+        raise LorafitError(f"{declared} processes were launched but accelerate sees no distributed setup "
+                           "(distributed type NO), so each would train on all the data and overwrite the others' "
+                           "files. Launch with: lorafit train RECIPE --nproc N, torchrun --nproc-per-node N -m "
+                           "lorafit train RECIPE, or accelerate launch --multi_gpu --num_processes N -m lorafit "
+                           "train RECIPE")
+
+
+def world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sum_across(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums of ``values`` over all processes (fp64, so token counts stay exact)."""
+    if world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def any_across(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true in any process (e.g. one of them got Ctrl-C): all then act together."""
+    return sum_across([float(flag)], device)[0] > 0
+
+
+def from_main(value: Any) -> Any:
+    """The main process's ``value``, on every process (a small picklable object)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_all(value: Any) -> list[Any]:
+    """``value`` from every process, in rank order, on every process (small picklable objects)."""
+    if world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def launch(nproc: int, train_args: list[str]) -> int:
+    """Run ``lorafit train *train_args`` as ``nproc`` processes on this machine through accelerate's launcher
+    (its torchrun-based multi-process launcher: NCCL on CUDA, gloo on CPU). Returns the exit code."""
+    if nproc < 1:
+        raise LorafitError(f"--nproc {nproc}: give the number of processes, 1 or more")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise LorafitError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                           "use at most one process per GPU")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "lorafit", "train", *train_args]
+    return subprocess.run(command, check=False).returncode
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
