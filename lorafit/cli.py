@@ -56,7 +56,9 @@ def user_errors(command: F) -> F:
                 raise
             if os.environ.get("LORAFIT_DEBUG") == "1":
                 error_console.print_exception()
-            error_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            rank = os.environ.get("RANK", "0")  # set by torchrun / accelerate launch in each process
+            where = "" if rank == "0" else f"(process {rank}) "
+            error_console.print(f"[bold red]error:[/] {where}{escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
             error_console.print("[bold red]interrupted[/]")
@@ -313,7 +315,7 @@ def train(
                 *(["--resume"] if resume else []), *([f"--resume-from={resume_from}"] if resume_from else [])]
         code = launch(nproc, args)
         if code:
-            raise typer.Exit(code=2 if code == 1 else code)  # each process printed its own message
+            raise typer.Exit(code=code)  # each process printed its own message
         return
     summary = run_training(loaded, str(resume_from) if resume_from else ("latest" if resume else None), console)
     if not summary.main_process:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -84,16 +83,24 @@ def gather_all(value: Any) -> list[Any]:
 
 def launch(nproc: int, train_args: list[str]) -> int:
     """Run ``lorafit train *train_args`` as ``nproc`` processes on this machine through accelerate's launcher
-    (its torchrun-based multi-process launcher: NCCL on CUDA, gloo on CPU). Returns the exit code."""
-    if nproc < 1:
-        raise LorafitError(f"--nproc {nproc}: give the number of processes, 1 or more")
+    (its torchrun-based multi-process launcher: NCCL on CUDA, gloo on CPU). Returns 0, or 2 when a process
+    failed: each process has printed its own message, so the launcher's traceback is not shown."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise LorafitError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                            "use at most one process per GPU")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "lorafit", "train", *train_args]
-    return subprocess.run(command, check=False).returncode
+    args = launch_command_parser().parse_args([
+        "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "--module", "lorafit", "train",
+        *train_args])
+    try:
+        launch_command(args)
+    except Exception as err:  # torch's ChildFailedError (or the launcher's own): a process exited non-zero
+        print(f"lorafit: {nproc} processes launched; at least one failed ({type(err).__name__}), see above",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 def _free_port() -> int:
