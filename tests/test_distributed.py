@@ -124,7 +124,8 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_adapter(runs, tmp
 # EVA's A comes from an SVD that the one-process run computes with 2 threads and each launched process with 1
 # (torchrun sets OMP_NUM_THREADS=1): other summation orders, so A differs in the last bits and lr 1e-2 grows
 # that to ~3e-5 over 6 steps. The ranks (which tensors exist, their shapes) are exactly the same.
-@pytest.mark.parametrize(("setting", "atol"), [("lora.variant=adalora", 1e-5), ("lora.rank_allocation={rho: 2.0}", 1e-4)])
+@pytest.mark.parametrize(("setting", "atol"), [("lora.variant=adalora", 1e-5),
+                                               ("lora.rank_allocation={rho: 2.0}", 1e-4)])
 def test_adalora_budgets_and_eva_ranks_are_the_same_with_two_processes(tmp_path, setting, atol):
     """AdaLoRA's allocator reads the step's gradients (all-reduced: the same masks everywhere); EVA reads whole
     global micro-batches in every process (the same ranks everywhere, the same as one process)."""
