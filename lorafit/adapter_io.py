@@ -158,25 +158,43 @@ SavedUpdate = ModuleAdapter | VeRAUpdate | AdaLoRAUpdate
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | None = None) -> Path:
     """Write the model's LoRA weights and config to ``out_dir``, atomically (temp folder, then rename)."""
-    out_dir = Path(out_dir)
+    return save_adapter_content(Path(out_dir), adapter_content(model, base_model_name))
+
+
+def save_adapter_content(out_dir: Path, content: AdapterContent) -> Path:
     with atomic_dir(out_dir, "the adapter") as tmp:
-        write_adapter_files(model, tmp, base_model_name)
+        write_adapter_content(tmp, content)
     return out_dir
 
 
-def write_adapter_files(model: nn.Module, folder: Path, base_model_name: str | None = None) -> None:
+AdapterContent = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+def adapter_content(model: nn.Module, base_model_name: str | None = None) -> AdapterContent:
+    """The adapter file's tensors (PEFT keys, whole tensors on CPU) and its adapter_config.json fields.
+    When the layers are sharded over processes every process must call this: it gathers each tensor."""
+    from lorafit.distributed import full
+
     modules = lora_modules(model)
     if not modules:
         raise ValueError("save_adapter: the model has no adapter layers")
     variant = type(next(iter(modules.values())))
     tensors = {
-        f"{KEY_PREFIX}{name}.{part}": tensor.detach().contiguous().cpu()
+        f"{KEY_PREFIX}{name}.{part}": full(tensor).detach().contiguous().cpu()
         for name, module in modules.items()
         for part, tensor in module.saved_tensors().items()
     }
     tensors.update({key: t.detach().contiguous().cpu() for key, t in variant.shared_tensors(modules).items()})
+    return tensors, adapter_config(modules, base_model_name)
+
+
+def write_adapter_files(model: nn.Module, folder: Path, base_model_name: str | None = None) -> None:
+    write_adapter_content(folder, adapter_content(model, base_model_name))
+
+
+def write_adapter_content(folder: Path, content: AdapterContent) -> None:
+    tensors, config = content
     save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    config = adapter_config(modules, base_model_name)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

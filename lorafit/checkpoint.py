@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from lorafit.adapter_io import restore_adapter_weights, write_adapter_files
+from lorafit.adapter_io import adapter_content, restore_adapter_weights, write_adapter_content
 from lorafit.config import RankAllocationConfig, Recipe
-from lorafit.distributed import gather_all, world_size
+from lorafit.distributed import gather_all, is_sharded, world_size
 from lorafit.errors import LorafitError
 from lorafit.eva import RankAllocation
 from lorafit.files import atomic_dir, tidy_after_kill, write_bytes
@@ -64,25 +64,29 @@ def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, recipe: Recipe, keep_last: int,
-                    main: bool = True) -> Path:
+                    main: bool = True, *, objective=None) -> Path:
     """OUT/checkpoints/step-NNNNNN: a loadable adapter plus the state to continue; written atomically.
 
-    Every process calls this (each one's RNG state is gathered: dropout draws differ per process); only the
-    main one writes. Model and optimizer state are the same in every process (DDP keeps them in step).
+    Every process calls this: each one's RNG state is gathered (dropout draws differ per process), and with
+    FSDP (``objective`` sharded) the adapter and optimizer state are gathered from their shards. Only the
+    main process writes. With DDP, model and optimizer state are the same in every process.
     """
     final = out / "checkpoints" / f"step-{step:06d}"
     rng = gather_all({"torch": torch.get_rng_state(), "python": random.getstate(),
                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+    adapter = adapter_content(model, recipe.model.base)
+    optimizer_state = full_optimizer_state(objective, optimizer)
     if not main:
         return final
     previous = latest_checkpoint(out)
     kept = (f"the previous checkpoint {previous} is intact (continue from it with --resume)" if previous
             else "no checkpoint was written yet")
     with atomic_dir(final, "checkpoint", kept) as tmp:
-        write_adapter_files(model, tmp, recipe.model.base)
+        write_adapter_content(tmp, adapter)
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "sharded": objective is not None and is_sharded(objective),  # FSDP: optimizer state keyed by name
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "hooks": hooks.state_dict(),  # the variant's loop state (AdaLoRA), {} for most
             "rng": rng[0],
@@ -96,7 +100,32 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, re
     return final
 
 
-def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler, hooks) -> int:
+def full_optimizer_state(objective, optimizer) -> dict:
+    """The optimizer's state dict; with FSDP the whole of it, gathered from every process's shard (a
+    collective), keyed by parameter name, on the main process."""
+    if objective is None or not is_sharded(objective):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(objective, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def load_optimizer_state(objective, optimizer, state: dict, checkpoint: Path) -> None:
+    sharded = objective is not None and is_sharded(objective)
+    if bool(state.get("sharded")) != sharded:
+        written = "with train.fsdp: true" if state.get("sharded") else "without train.fsdp"
+        raise LorafitError(f"{checkpoint} was written {written}; resume with the same train.fsdp setting")
+    if not sharded:
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(objective, getattr(optimizer, "optimizer", optimizer), state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler, hooks, *, objective=None) -> int:
     path = checkpoint / STATE_NAME
     try:
         # weights_only: the state is tensors, numbers and lists, so nothing executable is unpickled (a
@@ -104,7 +133,7 @@ def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler, hooks) -> 
         state = torch.load(path, weights_only=True)
         hooks.load_state_dict(state.get("hooks", {}))  # first: AdaLoRA's masks decide what the adapter holds
         restore_adapter_weights(model, checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(objective, optimizer, state, checkpoint)
         scheduler.load_state_dict(state["scheduler"])
         rng = _own_rng(state, checkpoint)
         torch.set_rng_state(rng["torch"])

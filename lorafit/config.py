@@ -200,6 +200,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     compile: bool = False
+    # With several processes: shard base and adapter weights (and optimizer state) over them (PyTorch FSDP2,
+    # one shard group per decoder layer) instead of a full copy in each (DDP).
+    fsdp: bool = False
     seed: int = 0
     eval_every: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)
@@ -248,6 +251,21 @@ class Recipe(_Section):
             raise ValueError(f"train.compile does not support a quantized base (model.quantize: "
                              f"{self.model.quantize}): lorafit compiles full-precision layers only; "
                              "set train.compile: false")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_shards_what_it_can(self) -> Recipe:
+        if not self.train.fsdp:
+            return self
+        blockers = [(self.model.quantize, f"a quantized base (model.quantize: {self.model.quantize})"),
+                    (self.lora.variant in ("vera", "adalora"), f"lora.variant: {self.lora.variant}"),
+                    (self.train.compile, "train.compile"),
+                    (self.train.precision == "fp16", "train.precision: fp16 (use bf16)"),
+                    (self.train.optimizer != "adamw", f"train.optimizer: {self.train.optimizer} (use adamw)")]
+        found = [what for blocked, what in blockers if blocked]
+        if found:
+            raise ValueError(f"train.fsdp cannot shard a run with {', '.join(found)} yet; set train.fsdp: false "
+                             "(data parallel with a full copy per process)")
         return self
 
     def to_yaml(self) -> str:

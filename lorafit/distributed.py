@@ -8,6 +8,7 @@ with the same global batch. Every function here is a no-op in a single process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -79,6 +80,62 @@ def gather_all(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * world_size()
     torch.distributed.all_gather_object(gathered, value)
     return gathered
+
+
+def shard(objective: torch.nn.Module, model: torch.nn.Module, device: torch.device,
+          compute_dtype: torch.dtype | None) -> None:
+    """FSDP2 (PyTorch's ``fully_shard``, which accelerate's FSDP2 plugin also calls): each decoder layer its own
+    shard group, the rest (embeddings, norm, head) in the root ``objective``; modules are changed in place and
+    their parameters become DTensors, so the optimizer must be built afterwards. lorafit calls it itself
+    because accelerate falls back to DDP on CPU.
+
+    ``compute_dtype``: the dtype layers run in when the base weights are 16-bit; fp32 adapter weights are then
+    gathered in that dtype (what a layer casts them to anyway) and gradients reduced in fp32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.to(device)
+    mesh = init_device_mesh(device.type, (world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+    if not blocks:
+        raise LorafitError(f"train.fsdp: {type(model).__name__} names no decoder layer class "
+                           "(_no_split_modules), so lorafit cannot tell what to shard; set train.fsdp: false")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(objective, mesh=mesh, mp_policy=policy)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def gradient_sync(objective: torch.nn.Module, accelerator, enabled: bool):
+    """Inside: backward all-reduces (DDP) / reduce-scatters (FSDP) gradients only if ``enabled``; micro-batches
+    before a step's last accumulate locally."""
+    if is_sharded(objective):
+        objective.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            objective.set_requires_gradient_sync(True)
+    elif enabled:
+        yield
+    else:
+        with accelerator.no_sync(objective):
+            yield
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (a collective: every process must call it), else ``tensor``."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def launch(nproc: int, train_args: list[str]) -> int:

@@ -135,9 +135,16 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
-        """The inverse of ``saved_tensors``: copy a file's tensors into this layer."""
+        """The inverse of ``saved_tensors``: copy a file's tensors into this layer (into this process's shard
+        when the layer is sharded over processes: every process holds the whole file, no communication)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         for part, param in self.adapter_params().items():
-            param.copy_(tensors[part])
+            value = tensors[part]
+            if isinstance(param, DTensor):
+                value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements,
+                                          src_data_rank=None)
+            param.copy_(value)
 
     @classmethod
     def peft_config(cls, modules: dict[str, AdapterLayer]) -> dict[str, Any]:

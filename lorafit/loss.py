@@ -130,20 +130,28 @@ def _unwrap(model):
 @torch.no_grad()
 def evaluate_loss(model, data: TokenizedData, micro_batch_size: int, pad_id: int, device: torch.device) -> float:
     """Mean loss per trained token over the whole eval set (not a mean of batch means)."""
-    total, count = evaluate_loss_sums(model, data.examples, micro_batch_size, pad_id, device)
+    total, count = evaluate_loss_sums(TokenLoss(model), data.examples, micro_batch_size, pad_id, device)
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def evaluate_loss_sums(model, examples: list[dict], micro_batch_size: int, pad_id: int,
-                       device: torch.device) -> tuple[float, int]:
-    """Summed loss and trained positions over ``examples``: sums, so that processes each scoring a share
-    of the eval set can add theirs into the loss of the whole set."""
-    model.eval()
+def evaluate_loss_sums(objective: nn.Module, examples: list[dict], micro_batch_size: int, pad_id: int,
+                       device: torch.device, rounds: int = 0, filler: dict | None = None) -> tuple[float, int]:
+    """Summed loss and trained positions of ``objective`` (a TokenLoss) over ``examples``: sums, so that
+    processes each scoring a share of the eval set can add theirs into the loss of the whole set.
+
+    At least ``rounds`` forward passes run, the extra ones on ``filler`` (default: the first example) with
+    every label masked (they add nothing): a sharded model needs every process to run as many as the others.
+    """
+    objective.eval()
+    batches = [examples[start : start + micro_batch_size] for start in range(0, len(examples), micro_batch_size)]
+    filler = filler or (examples[0] if examples else None)
+    if len(batches) < rounds and filler is not None:
+        ghost = {**filler, "labels": [IGNORE_INDEX] * len(filler["labels"])}
+        batches += [[ghost]] * (rounds - len(batches))
     total, count = 0.0, 0
-    for start in range(0, len(examples), micro_batch_size):
-        batch = collate(examples[start : start + micro_batch_size], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        total += float(token_loss_sum(model, batch))
+    for rows in batches:
+        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        total += float(objective(**batch))
         count += trained_positions(batch)
     return total, count

@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from lorafit import precision
-from lorafit.adapter_io import save_adapter
+from lorafit.adapter_io import adapter_content, save_adapter_content
 from lorafit.checkpoint import (
     check_output_dir,
     latest_checkpoint,
@@ -35,14 +35,14 @@ from lorafit.checkpoint import (
 )
 from lorafit.config import LoRAConfig, Recipe
 from lorafit.data import Batches, TokenizedData, load_tokenized, pack, split_validation
-from lorafit.distributed import any_across, from_main, process_state, sum_across
+from lorafit.distributed import any_across, from_main, full, gradient_sync, process_state, shard, sum_across
 from lorafit.errors import LorafitError
 from lorafit.eva import RankAllocation, allocate_ranks
 from lorafit.files import FolderLock
 from lorafit.inject import adapters_to_float32, inject_lora, lora_modules, training_hooks
 from lorafit.lora import TrainingHooks
 from lorafit.loss import TokenLoss, evaluate_loss_sums, trained_positions
-from lorafit.model import compile_layers, load_base_model, load_tokenizer
+from lorafit.model import DTYPES, compile_layers, load_base_model, load_tokenizer
 from lorafit.report import (
     MetricsLog,
     RunSummary,
@@ -92,10 +92,14 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
     tokenizer = load_tokenizer(recipe.model)
     train_data, eval_data, batches = training_data(recipe, tokenizer, rank, world)
     report_data(console, train_data, eval_data)
+    sharded = cfg.fsdp and world > 1
     if world > 1:
-        console.print(f"{world} processes ({accelerator.distributed_type.value}): micro-batch {cfg.micro_batch_size} "
-                      f"per process x grad_accum {cfg.grad_accum} x {world} = global batch "
+        how = "FSDP: weights sharded" if sharded else "DDP: a full copy each"
+        console.print(f"{world} processes ({accelerator.distributed_type.value}, {how}): micro-batch "
+                      f"{cfg.micro_batch_size} per process x grad_accum {cfg.grad_accum} x {world} = global batch "
                       f"{cfg.micro_batch_size * cfg.grad_accum * world} rows per step", highlight=False)
+    elif cfg.fsdp:
+        console.print("train.fsdp: one process, so nothing to shard; training unsharded", highlight=False)
 
     torch.manual_seed(cfg.seed)  # LoRA A init, dropout
     random.seed(cfg.seed)
@@ -114,17 +118,24 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
 
     steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    params = [p for p in model.parameters() if p.requires_grad]
+    # The objective (model + loss) is what DDP or FSDP wraps, not the bare model: see loss.TokenLoss.
+    objective = TokenLoss(model)
+    if sharded:  # before the optimizer: sharding replaces the parameters
+        shard(objective, model, accelerator.device, None if plan.model_dtype == "float32" else DTYPES[plan.model_dtype])
+    params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(cfg.scheduler, optimizer, cfg.warmup_steps, total_steps)
-    # accelerate wraps the objective (model + loss), not the bare model: see loss.TokenLoss. The scheduler
-    # stays ours: accelerate's would step once per process per step (it assumes a dataloader it sharded).
-    objective, optimizer = accelerator.prepare(TokenLoss(model), optimizer)
+    # The scheduler stays ours: accelerate's would step once per process per step (it assumes a dataloader
+    # it sharded). A sharded objective is not given to accelerate, which would wrap it in DDP as well.
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        objective, optimizer = accelerator.prepare(objective, optimizer)
     hooks = training_hooks(model, total_steps)
 
     start_step = 0
     if checkpoint is not None:
-        start_step = restore_checkpoint(checkpoint, model, optimizer, scheduler, hooks)
+        start_step = restore_checkpoint(checkpoint, model, optimizer, scheduler, hooks, objective=objective)
         if main:
             truncate_metrics(out / "metrics.jsonl", start_step)
         console.print(f"resumed from {checkpoint} at step {start_step}")
@@ -140,10 +151,13 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
     metrics = MetricsLog(out / "metrics.jsonl" if main else None)
 
     def eval_now() -> float:
-        # Each process scores every world-th example; the sums over all of them give the whole set's loss.
+        # Each process scores every world-th example, in as many batches as every other process (a sharded
+        # model gathers weights in each forward, a collective); the sums give the whole set's loss.
+        rounds = math.ceil(math.ceil(len(eval_data.examples) / world) / cfg.micro_batch_size)
         with accelerator.autocast():  # the same precision as training
-            total, count = evaluate_loss_sums(model, eval_data.examples[rank::world], cfg.micro_batch_size,
-                                              tokenizer.pad_token_id, accelerator.device)
+            total, count = evaluate_loss_sums(accelerator.unwrap_model(objective), eval_data.examples[rank::world],
+                                              cfg.micro_batch_size, tokenizer.pad_token_id, accelerator.device, rounds,
+                                              filler=eval_data.examples[0])
         total, count = sum_across([total, count], accelerator.device)
         return total / max(count, 1)
 
@@ -162,7 +176,7 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
             # Ctrl-C (in any process): the previous step is complete, so checkpoint it and stop.
             if any_across(stop.requested, accelerator.device):
                 path = save_checkpoint(out, step - 1, model, optimizer, scheduler, hooks, recipe, cfg.keep_last,
-                                       main)
+                                       main, objective=objective)
                 raise LorafitError(f"interrupted after step {step - 1}; checkpoint saved to {path}. "
                                    f"Continue with: lorafit train RECIPE --resume")
             # Step: forward/backward over grad_accum micro-batches, clip, optimizer and schedule.
@@ -182,12 +196,14 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
                 progress.console.print(f"step {step} eval loss {eval_loss:.4f}")
             # Save: every save_every steps (the end writes the final adapter instead).
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_checkpoint(out, step, model, optimizer, scheduler, hooks, recipe, cfg.keep_last, main)
+                save_checkpoint(out, step, model, optimizer, scheduler, hooks, recipe, cfg.keep_last, main,
+                                objective=objective)
 
     adapter_dir = out / "adapter"
     ranks = chosen_ranks(model, allocation)
+    adapter = adapter_content(model, recipe.model.base)  # every process: gathered from the shards with FSDP
     if main:
-        save_adapter(model, adapter_dir, recipe.model.base)
+        save_adapter_content(adapter_dir, adapter)
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         if ranks is not None:
             plot_ranks(ranks, out / "ranks.png", f"rank per module: {sum(ranks.values())} in all "
@@ -275,7 +291,7 @@ def train_step(objective, batches: Batches, step: int, cfg, accelerator, optimiz
     objective.train()
     micro = [batches.get((step - 1) * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
     loss = accumulate_gradients(objective, [batch for batch, _ in micro], accelerator, hooks)
-    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+    grad_norm = full(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm else None
     lr = scheduler.get_last_lr()[0]
     if math.isfinite(loss):  # a non-finite step is reported by the caller and never applied
         optimizer.step()
@@ -346,8 +362,7 @@ def accumulate_gradients(objective, micro_batches: list[dict[str, torch.Tensor]]
     step_loss = 0.0
     for k, batch in enumerate(micro_batches):
         batch = {key: value.to(device) for key, value in batch.items()}
-        last = k == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(objective):
+        with gradient_sync(objective, accelerator, enabled=k == len(micro_batches) - 1):
             with accelerator.autocast():  # around the loss too: the same precision as the model's forward
                 loss = objective(**batch) / target_tokens
             step_loss += loss.item()
