@@ -131,11 +131,11 @@ def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler, hooks, *, 
         # weights_only: the state is tensors, numbers and lists, so nothing executable is unpickled (a
         # pickled object is refused here, as a damaged file).
         state = torch.load(path, weights_only=True)
+        rng = _own_rng(state, checkpoint)  # first: a run of another process count cannot continue it at all
         hooks.load_state_dict(state.get("hooks", {}))  # first: AdaLoRA's masks decide what the adapter holds
         restore_adapter_weights(model, checkpoint)
         load_optimizer_state(objective, optimizer, state, checkpoint)
         scheduler.load_state_dict(state["scheduler"])
-        rng = _own_rng(state, checkpoint)
         torch.set_rng_state(rng["torch"])
         random.setstate(_as_tuple(rng["python"]))
         if rng["cuda"]:

@@ -50,17 +50,23 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """One process with micro-batch 8, and two processes with 4 each (launched by `lorafit train --nproc 2`)."""
+    """One process with micro-batch 8, two processes with 4 each (launched by `lorafit train --nproc 2`), and
+    the same two with FSDP."""
     one = tmp_path_factory.mktemp("one")
     result = run("train", str(write_run_recipe(one, micro_batch_size=8)))
     assert result.returncode == 0, result.stderr
     two = tmp_path_factory.mktemp("two")
     result = run("train", str(write_run_recipe(two, micro_batch_size=4)), "--nproc", "2")
     assert result.returncode == 0, result.stderr
-    assert "2 processes (MULTI_CPU): micro-batch 4 per process x grad_accum 2 x 2 = global batch 16" in \
+    assert "2 processes (MULTI_CPU, DDP: a full copy each): micro-batch 4 per process x grad_accum 2 x 2 = " \
+        "global batch 16" in \
         " ".join(result.stdout.split())
     assert result.stdout.count("run summary") == 1  # the main process alone reports
-    return {"one": one / "out", "two": two / "out", "two_recipe": two / "recipe.yaml"}
+    result = run("train", str(two / "recipe.yaml"), "--nproc", "2", "--set", "train.fsdp=true", "--set",
+                 f"output.dir={two / 'fsdp'}")
+    assert result.returncode == 0, result.stderr
+    assert "FSDP: weights sharded" in result.stdout
+    return {"one": one / "out", "two": two / "out", "fsdp": two / "fsdp", "two_recipe": two / "recipe.yaml"}
 
 
 def test_two_processes_train_what_one_process_trains_with_twice_the_micro_batch(runs):
@@ -72,6 +78,18 @@ def test_two_processes_train_what_one_process_trains_with_twice_the_micro_batch(
     for key in reference:
         torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
     assert any(float(t.abs().max()) > 1e-3 for k, t in ours.items() if "lora_B" in k)  # it did train
+
+
+def test_fsdp_trains_what_ddp_trains(runs):
+    """Same batches, same reductions: sharding the weights changes where they live, not the numbers (fp32
+    here; measured bit-identical, asserted to 1e-6)."""
+    fsdp, ddp = runs["fsdp"], runs["two"]
+    assert metrics(fsdp, "train", "loss") == pytest.approx(metrics(ddp, "train", "loss"), abs=1e-6)
+    assert metrics(fsdp, "eval", "eval_loss") == pytest.approx(metrics(ddp, "eval", "eval_loss"), abs=1e-6)
+    ours, reference = adapter(fsdp), adapter(ddp)
+    assert {k: t.shape for k, t in ours.items()} == {k: t.shape for k, t in reference.items()}  # whole tensors
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-6, rtol=0)
 
 
 def test_only_the_main_process_writes(runs):
@@ -100,11 +118,12 @@ app()
 """
 
 
-def test_a_killed_two_process_run_resumes_to_the_uninterrupted_adapter(runs, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_adapter(runs, tmp_path, strategy):
     recipe = runs["two_recipe"]
     killer = tmp_path / "killer.py"
     killer.write_text(KILL_AFTER_CHECKPOINT)
-    args = [str(recipe), "--set", f"output.dir={tmp_path / 'out'}"]
+    args = [str(recipe), "--set", f"output.dir={tmp_path / 'out'}", "--set", f"train.fsdp={strategy == 'fsdp'}"]
     killed = subprocess.run([*TORCHRUN, str(killer), *args], capture_output=True, text=True, timeout=300)
     assert killed.returncode != 0 and (tmp_path / "out" / "checkpoints" / "step-000004").is_dir()
     assert not (tmp_path / "out" / "adapter").exists()
@@ -112,12 +131,16 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_adapter(runs, tmp
     alone = run("train", *args, "--resume")
     assert alone.returncode == 2 and "written by a run of 2 process(es) and this run has 1" in \
         " ".join(alone.stderr.split())
+    if strategy == "fsdp":  # nor can DDP continue an FSDP run (its optimizer state is keyed by name)
+        other = run("train", *args, "--set", "train.fsdp=false", "--resume", "--nproc", "2")
+        assert other.returncode == 2 and "was written with train.fsdp: true" in " ".join(other.stderr.split())
     resumed = subprocess.run([*TORCHRUN, "-m", "lorafit", "train", *args, "--resume"], capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "at step 4" in " ".join(resumed.stdout.split())  # "resumed from .../step-000004 at step 4"
-    assert metrics(tmp_path / "out", "train", "loss") == metrics(runs["two"], "train", "loss")
-    uninterrupted = adapter(runs["two"])
+    uninterrupted_run = runs["two" if strategy == "ddp" else "fsdp"]
+    assert metrics(tmp_path / "out", "train", "loss") == metrics(uninterrupted_run, "train", "loss")
+    uninterrupted = adapter(uninterrupted_run)
     assert all(torch.equal(adapter(tmp_path / "out")[key], uninterrupted[key]) for key in uninterrupted)
 
 
@@ -158,6 +181,19 @@ def test_process_shares_of_a_global_micro_batch():
             assert torch.equal(torch.cat([s[0]["input_ids"] for s in shares]), whole["input_ids"])
             assert sum(s[1] for s in shares) == 8
         assert torch.equal(two[1].get_global(position)["input_ids"], whole["input_ids"])
+
+
+@pytest.mark.parametrize(("setting", "named"), [
+    ("model.quantize=4bit", "a quantized base"), ("lora.variant=vera", "lora.variant: vera"),
+    ("train.optimizer=adamw_8bit", "train.optimizer: adamw_8bit"), ("train.compile=true", "train.compile"),
+])
+def test_what_fsdp_cannot_shard_is_refused_before_anything_runs(tmp_path, setting, named):
+    from lorafit.config import load_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", "data: {train: t.jsonl}\ntrain: {fsdp: true}\n")
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(LorafitError, match=f"train.fsdp cannot shard a run with {named}"):
+        load_recipe(recipe, [setting])
 
 
 @pytest.mark.parametrize("variable", ["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"])
