@@ -101,7 +101,11 @@ def main(
 
 @app.command()
 @user_errors
-def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
+def plan(
+    recipe: RecipeArg,
+    overrides: SetOption = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Show the batch of a run over N processes.")] = 1,
+) -> None:
     """Load the base model, inject LoRA as the recipe says, and show what would train. Writes nothing."""
     from lorafit import precision
     from lorafit.config import load_recipe
@@ -136,6 +140,18 @@ def plan(recipe: RecipeArg, overrides: SetOption = None) -> None:
         console.print(allocation_table(allocation, loaded.lora.rank_allocation))
     console.print(targeting_table(report))
     console.print(memory)
+    console.print(_batch_line(loaded.train, nproc), highlight=False)
+
+
+def _batch_line(train, nproc: int) -> str:
+    """Rows per optimizer step, per process and in all (``train --nproc N`` or any N-process launch)."""
+    per_process = train.micro_batch_size * train.grad_accum
+    if nproc == 1:
+        return (f"batch: micro-batch {train.micro_batch_size} x grad_accum {train.grad_accum} = {per_process} rows "
+                "per step (per process when launched as several: micro_batch_size is per process)")
+    how = "FSDP: weights sharded over the processes" if train.fsdp else "DDP: a full copy per process"
+    return (f"batch over {nproc} processes ({how}): micro-batch {train.micro_batch_size} x grad_accum "
+            f"{train.grad_accum} per process x {nproc} = {per_process * nproc} rows per step")
 
 
 def _check_output_file(path: Path, option: str) -> None:

@@ -166,6 +166,14 @@ def test_adalora_budgets_and_eva_ranks_are_the_same_with_two_processes(tmp_path,
         torch.testing.assert_close(ours[key], reference[key], atol=atol, rtol=0)
 
 
+def test_plan_shows_the_batch_of_an_n_process_run(tmp_path):
+    recipe = write_run_recipe(tmp_path, micro_batch_size=4)
+    result = run("plan", str(recipe), "--nproc", "4", "--set", "train.fsdp=true")
+    assert result.returncode == 0, result.stderr
+    assert ("batch over 4 processes (FSDP: weights sharded over the processes): micro-batch 4 x grad_accum 2 per "
+            "process x 4 = 32 rows per step") in " ".join(result.stdout.split())
+
+
 def test_process_shares_of_a_global_micro_batch():
     rows = [{"input_ids": [i, i + 1], "labels": [i, i + 1]} for i in range(10)]
     one = Batches(rows, micro_batch_size=4, seed=3, pad_id=0)
