@@ -42,6 +42,7 @@ class RunSummary:
     ranks: dict[str, int] | None = None  # final rank per module, when the run chose them (EVA, AdaLoRA)
     main_process: bool = True  # the process that wrote the files and shows the summary
     world_size: int = 1  # processes that trained together
+    parallelism: str = ""  # with several: how (DDP/FSDP) and the batch per process and in all
 
 
 class MetricsLog:
@@ -70,6 +71,8 @@ def summary_table(summary: RunSummary) -> Table:
     table.add_row("wall time", f"{summary.wall_seconds:.1f} s")
     processes = f", all {summary.world_size} processes together" if summary.world_size > 1 else ""
     table.add_row("throughput", f"{summary.tokens_per_second:,.0f} tokens/s (training steps only{processes})")
+    if summary.world_size > 1:
+        table.add_row("processes", summary.parallelism)
     table.add_row("peak memory", f"{summary.peak_memory_bytes / 2**30:.2f} GiB")
     table.add_row("adapter", str(summary.adapter_dir))
     return table

@@ -93,11 +93,12 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
     train_data, eval_data, batches = training_data(recipe, tokenizer, rank, world)
     report_data(console, train_data, eval_data)
     sharded = cfg.fsdp and world > 1
+    parallelism = (f"{world} processes ({accelerator.distributed_type.value}, "
+                   f"{'FSDP: weights sharded' if sharded else 'DDP: a full copy each'}): micro-batch "
+                   f"{cfg.micro_batch_size} per process x grad_accum {cfg.grad_accum} x {world} = global batch "
+                   f"{cfg.micro_batch_size * cfg.grad_accum * world} rows per step")
     if world > 1:
-        how = "FSDP: weights sharded" if sharded else "DDP: a full copy each"
-        console.print(f"{world} processes ({accelerator.distributed_type.value}, {how}): micro-batch "
-                      f"{cfg.micro_batch_size} per process x grad_accum {cfg.grad_accum} x {world} = global batch "
-                      f"{cfg.micro_batch_size * cfg.grad_accum * world} rows per step", highlight=False)
+        console.print(parallelism, highlight=False)
     elif cfg.fsdp:
         console.print("train.fsdp: one process, so nothing to shard; training unsharded", highlight=False)
 
@@ -215,6 +216,7 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
         tokens_per_second=done.tokens / done.seconds if done.seconds else 0.0,
         peak_memory_bytes=peak_memory(accelerator.device), report=report,
         train_data=train_data, eval_data=eval_data, ranks=ranks, main_process=main, world_size=world,
+        parallelism=parallelism,
     )
 
 

@@ -19,6 +19,8 @@ from .conftest import ROWS, tiny_model, tiny_tokenizer, write_recipe
 from .test_cli import run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                     "--main_process_port", "0"]
 # 36 rows: with 4 rows per process the 5th global micro-batch has 4 rows, so the second process gets none
 # there (its masked stand-in row must change nothing).
 DATA = ROWS + ROWS[:4]
@@ -153,10 +155,15 @@ def test_adalora_budgets_and_eva_ranks_are_the_same_with_two_processes(tmp_path,
     """AdaLoRA's allocator reads the step's gradients (all-reduced: the same masks everywhere); EVA reads whole
     global micro-batches in every process (the same ranks everywhere, the same as one process)."""
     outs = {}
-    for name, micro, extra in (("one", 8, []), ("two", 4, ["--nproc", "2"])):
+    for name, micro in (("one", 8), ("two", 4)):
         folder = tmp_path / name
         folder.mkdir()
-        result = run("train", str(write_run_recipe(folder, micro)), "--set", setting, *extra)
+        args = ["train", str(write_run_recipe(folder, micro)), "--set", setting]
+        if name == "one":
+            result = run(*args)
+        else:  # accelerate's own command line, as users type it (`accelerate launch ...`)
+            result = subprocess.run([*ACCELERATE_LAUNCH, "-m", "lorafit", *args], capture_output=True, text=True,
+                                    timeout=300)
         assert result.returncode == 0, result.stderr
         outs[name] = folder / "out"
     assert metrics(outs["two"], "train", "loss") == pytest.approx(metrics(outs["one"], "train", "loss"), abs=1e-5)
