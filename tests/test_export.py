@@ -1,0 +1,163 @@
+"""`lorafit export`: base + adapter -> GGUF, read back by transformers (logits, tokens) and by gguf's reader."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, GgufConfig, PreTrainedTokenizerFast
+
+from lorafit.adapter_io import save_adapter
+from lorafit.config import LoRAConfig
+from lorafit.errors import LorafitError
+from lorafit.export import export_gguf, permute_rows, unpermute_rows
+from lorafit.inject import inject_lora
+
+from .conftest import CHAT_TEMPLATE, randomize_lora_B, tiny_model
+from .test_cli import run
+
+
+def bpe_tokenizer(digits: bool = False) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer trained in-process (GPT-2 style; ``digits``: SmolLM-style digit split)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    backend = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if digits else byte_level)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = ["The quick brown fox jumps over the lazy dog on 3 March 2021.", "Convert 7-Apr-1957 to ISO 8601",
+              "naïve café, it's 12:30!"] * 20
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>",
+                                        unk_token="<s>", pad_token="<|im_end|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture
+def exportable(tmp_path):
+    """A tiny Llama (64 wide: Q8_0 blocks fit) with a BPE tokenizer, and a LoRA adapter with non-zero B."""
+    tokenizer = bpe_tokenizer()
+    base = tmp_path / "base"
+    tiny_model(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+               num_key_value_heads=2).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize_lora_B(model)
+    save_adapter(model, tmp_path / "adapter")
+    return base, tmp_path / "adapter"
+
+
+def read_back(path):
+    """The written file alone in a folder (as llama.cpp users have it), loaded by transformers."""
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                quantization_config=GgufConfig(dequantize=True)).eval()
+
+
+def test_permutation_round_trip_is_the_identity():
+    weight = torch.randn(6 * 8, 5)
+    assert torch.equal(unpermute_rows(permute_rows(weight, 6), 6), weight)
+    assert not torch.equal(permute_rows(weight, 6), weight)
+    # within a head, rows of the two rotary halves end up interleaved: (0, d/2, 1, d/2+1, ...)
+    rows = torch.arange(8.0)[:, None]
+    assert permute_rows(rows, 1).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_f32_export_reads_back_with_base_plus_adapter_logits(exportable, tmp_path, input_ids):
+    base, adapter = exportable
+    out = tmp_path / "gguf" / "model.gguf"
+    result = export_gguf(str(base), adapter, out, "f32")
+    assert result.max_logit_diff <= 1e-5 and result.rounding_floor <= 1e-5 and result.pre_tokenizer == "gpt2"
+    ids = input_ids % 100
+    reference = AutoModelForCausalLM.from_pretrained(base).eval()
+    from lorafit.adapter_io import load_adapter
+
+    load_adapter(reference, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(read_back(out)(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_q8_0_export_is_within_its_rounding_floor(exportable, tmp_path):
+    base, adapter = exportable
+    result = export_gguf(str(base), adapter, tmp_path / "q8.gguf", "q8_0")
+    # Q8_0 (8-bit blocks of 32) moves this model's logits by ~1e-2; a correct file reproduces that rounding
+    assert 0 < result.rounding_floor < 0.05
+    assert result.max_logit_diff <= result.rounding_floor * 1.05 + 1e-3
+
+
+def test_metadata_and_tokens_read_back_with_gguf_reader(exportable, tmp_path):
+    import gguf
+
+    base, adapter = exportable
+    out = tmp_path / "model.gguf"
+    export_gguf(str(base), adapter, out, "f16")
+    reader = gguf.GGUFReader(out)
+
+    def value(key):
+        field = reader.fields[key]
+        return field.contents()
+
+    config = json.loads((base / "config.json").read_text())
+    assert value("general.architecture") == "llama"
+    assert value("llama.block_count") == config["num_hidden_layers"]
+    assert value("llama.embedding_length") == 64 and value("llama.feed_forward_length") == 128
+    assert value("llama.attention.head_count") == 4 and value("llama.attention.head_count_kv") == 2
+    assert value("llama.rope.dimension_count") == 16
+    assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt2"
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    assert value("tokenizer.ggml.tokens") == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert value("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    assert value("tokenizer.chat_template") == CHAT_TEMPLATE
+    names = {tensor.name: tensor for tensor in reader.tensors}
+    assert "output.weight" in names and "blk.1.attn_q.weight" in names
+    assert names["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # norms stay f32
+    assert names["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+
+
+def test_exported_weights_are_peft_merge_and_unload_permuted(exportable, tmp_path):
+    """The file's Q weight is PEFT's merged Q weight with llama.cpp's row permutation applied."""
+    import gguf
+
+    base, adapter = exportable
+    out = tmp_path / "model.gguf"
+    export_gguf(str(base), adapter, out, "f32")
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    merged = merged.state_dict()
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    q = torch.from_numpy(np.array(tensors["blk.1.attn_q.weight"].data))
+    k = torch.from_numpy(np.array(tensors["blk.1.attn_k.weight"].data))
+    torch.testing.assert_close(q, permute_rows(merged["model.layers.1.self_attn.q_proj.weight"], 4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(k, permute_rows(merged["model.layers.1.self_attn.k_proj.weight"], 2), atol=1e-6, rtol=0)
+
+
+def test_a_tokenizer_that_cannot_be_named_is_refused_and_nothing_is_written(tmp_path):
+    base = tmp_path / "base"
+    tokenizer = bpe_tokenizer(digits=True)  # SmolLM-style digit split: transformers' GGUF reader drops it
+    tiny_model(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(LorafitError, match="pre-tokenizer .* is not one lorafit can name"):
+        export_gguf(str(base), tmp_path / "adapter", tmp_path / "model.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))
+
+
+def test_export_from_the_command_line_refuses_overwriting_and_inputs(exportable, tmp_path):
+    base, adapter = exportable
+    out = tmp_path / "model.gguf"
+    result = run("export", str(base), str(adapter), str(out), "--dtype", "bf16")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "self-check: max |logit difference| vs base + adapter in fp32" in text and "same ids" in text
+    before = out.read_bytes()
+    again = run("export", str(base), str(adapter), str(out))
+    assert again.returncode == 2 and "pass --overwrite" in again.stderr and out.read_bytes() == before
+    inside = run("export", str(base), str(adapter), str(adapter / "model.gguf"))
+    assert inside.returncode == 2 and "never writes over its inputs" in " ".join(inside.stderr.split())
