@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorafit.adalora import AdaLoRASettings, adalora_delta
+from lorafit.adalora import RANKNUM_EPS, AdaLoRASettings, adalora_delta
 from lorafit.dora import dora_merged_weight
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
@@ -84,6 +84,15 @@ class ModuleAdapter:
                 f"[{out_features}, {in_features}] (out, in) with r={self.r}, which needs lora_A {list(want_a)}, "
                 f"lora_B {list(want_b)}")
 
+    def low_rank(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update of a base weight of ``shape`` as ΔW = B' @ A' (A' [k, in], B' [out, k], fp32, scaling
+        folded into B'): what an A/B-only format such as llama.cpp's LoRA GGUF can hold."""
+        if self.magnitude is not None:
+            raise LorafitError("a DoRA adapter rescales each output row of W + ΔW by a learned magnitude, which is "
+                               "not a low-rank update W + B·A: llama.cpp's --lora cannot apply it. Export the full "
+                               "model instead (without --adapter-only)")
+        return self.lora_A.float(), self.lora_B.float() * self.scaling
+
     def merged_weight(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The base weight with this update folded in (fp32 math), as the variant's layer merges it."""
         if self.magnitude is None:
@@ -116,6 +125,12 @@ class VeRAUpdate:
         return (f"adapter has vera_lambda_b [{self.lambda_b.shape[0]}] and projections for layers up to "
                 f"[{max_out}, {max_in}], but the base layer is [{out_features}, {in_features}] (out, in)")
 
+    def low_rank(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW = (λ_b ⊙ B-slice) @ (λ_d ⊙ A-slice) for a base weight of ``shape`` (out, in), as B' @ A' (fp32)."""
+        out_features, in_features = shape
+        scaled_A = self.lambda_d.float()[:, None] * self.projections.vera_A[:, :in_features].float()
+        return scaled_A, self.lambda_b.float()[:, None] * self.projections.vera_B[:out_features].float()
+
     def merged_weight(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         delta = vera_delta(self.projections.vera_A, self.projections.vera_B, self.lambda_b, self.lambda_d,
                            tuple(weight.shape))
@@ -147,6 +162,11 @@ class AdaLoRAUpdate:
             return None
         return (f"adapter has lora_A {list(self.lora_A.shape)}, lora_B {list(self.lora_B.shape)}, but the base "
                 f"layer is [{out_features}, {in_features}] (out, in)")
+
+    def low_rank(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW = B · (A ⊙ E) · alpha / ranknum as B' @ A' (fp32) over the kept triplets (possibly none)."""
+        scale = self.alpha / (float(self.mask.numel()) + RANKNUM_EPS)
+        return self.lora_A.float() * self.lora_E.float(), self.lora_B.float() * scale
 
     def merged_weight(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         delta = adalora_delta(self.lora_A, self.lora_E, self.lora_B, self.alpha, float(self.mask.numel()))

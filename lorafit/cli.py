@@ -236,16 +236,30 @@ def export(
     ] = "f16",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
     verify: Annotated[bool, typer.Option(help="Read the file back and compare logits and tokens.")] = True,
+    adapter_only: Annotated[
+        bool, typer.Option("--adapter-only", help="Write only the adapter, for llama.cpp's --lora (Ollama: ADAPTER).")
+    ] = False,
 ) -> None:
     """Write base + adapter as one GGUF file for llama.cpp and Ollama (Llama-family models), checked by reading it
     back."""
     from lorafit.export import export_gguf
 
     with console.status("exporting ..."):
-        result = export_gguf(base, adapter, out, dtype, overwrite, verify)
+        result = export_gguf(base, adapter, out, dtype, overwrite, verify, adapter_only)
     size = result.out.stat().st_size / 2**20
+    if adapter_only:
+        console.print(f"wrote {result.out} ({size:.2f} MiB: lora_a/lora_b for {result.tensors // 2} of "
+                      f"{result.merged_modules} modules, {dtype})", highlight=False)
+        console.print(f"self-check: ΔW rebuilt from the file as llama.cpp does (alpha / r · B @ A) vs the adapter's: "
+                      f"max |difference| {result.max_delta_error:.2e} ({dtype} rounding alone: "
+                      f"{result.rounding_floor:.2e})", highlight=False)
+        console.print(f"use: llama-cli -m BASE.gguf --lora {result.out} (Ollama: ADAPTER {result.out.name} in a "
+                      "Modelfile whose FROM is the base)", highlight=False)
+        return
     console.print(f"wrote {result.out} ({size:.1f} MiB, {result.tensors} tensors, {result.merged_modules} adapted "
                   f"modules merged, {dtype}, pre-tokenizer {result.pre_tokenizer})", highlight=False)
+    console.print(f"Ollama: {result.modelfile} ({result.modelfile_note}); ollama create NAME -f {result.modelfile}",
+                  highlight=False)
     if result.max_logit_diff is not None:
         console.print(f"self-check: max |logit difference| vs base + adapter in fp32 = {result.max_logit_diff:.2e} "
                       f"({dtype} rounding alone: {result.rounding_floor:.2e}); the tokenizer read back encodes a "

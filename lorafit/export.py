@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from lorafit.adapter_io import read_adapter
 from lorafit.errors import LorafitError
-from lorafit.files import refuse_overlap, write_failure
+from lorafit.files import refuse_overlap, write_failure, write_text_atomic
 from lorafit.merge import base_folder, check_adapter_fits, checkpoint_files, merged_or_refused
 
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")  # --dtype choices: GGML types F32, F16, BF16, Q8_0
@@ -37,9 +37,12 @@ class ExportResult:
     out: Path
     tensors: int
     merged_modules: int
-    max_logit_diff: float | None
-    rounding_floor: float | None
+    max_logit_diff: float | None  # full model: read back by transformers, vs base + adapter in fp32
+    rounding_floor: float | None  # what the tensor type's rounding alone accounts for (logits or ΔW)
     pre_tokenizer: str
+    max_delta_error: float | None = None  # adapter only: ΔW rebuilt from the file vs the adapter's own
+    modelfile: Path | None = None  # full model: the Ollama Modelfile written next to it
+    modelfile_note: str = ""
 
 
 def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -113,7 +116,7 @@ def write_model_metadata(writer, config: dict, name: str, kind: str) -> None:
 
 
 def export_gguf(base: str, adapter_dir: str | Path, out: str | Path, kind: str = "f16", overwrite: bool = False,
-                verify: bool = True) -> ExportResult:
+                verify: bool = True, adapter_only: bool = False) -> ExportResult:
     import gguf
 
     out, adapter_dir = Path(out), Path(adapter_dir)
@@ -124,14 +127,18 @@ def export_gguf(base: str, adapter_dir: str | Path, out: str | Path, kind: str =
     refuse_overlap(out, "OUT", {"ADAPTER": adapter_dir, **({"BASE": Path(base)} if Path(base).exists() else {})})
     if out.is_dir():
         raise LorafitError(f"OUT {out} is a folder; give a .gguf file path")
-    if out.exists() and not overwrite:
-        raise LorafitError(f"{out} exists; pass --overwrite to replace it, or choose another OUT")
+    modelfile = out.with_suffix(".Modelfile")
+    for path in (out, modelfile) if not adapter_only else (out,):
+        if path.exists() and not overwrite:
+            raise LorafitError(f"{path} exists; pass --overwrite to replace it, or choose another OUT")
     updates = read_adapter(adapter_dir)
     folder = base_folder(base)
     refuse_overlap(out, "OUT", {"the base model's files": folder})
     config = _config(folder)
     weight_files = checkpoint_files(folder)
     check_adapter_fits(updates, weight_files, adapter_dir)
+    if adapter_only:
+        return _export_adapter(updates, weight_files, config, adapter_dir, out, kind)
     tokenizer = _tokenizer(folder)
     pre = pre_tokenizer_name(tokenizer)
 
@@ -151,7 +158,9 @@ def export_gguf(base: str, adapter_dir: str | Path, out: str | Path, kind: str =
             os.replace(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)
-    return ExportResult(out, count, len(updates), diff, floor, pre)
+    text, note = ollama_modelfile(tokenizer, out.name)
+    write_text_atomic(modelfile, text)
+    return ExportResult(out, count, len(updates), diff, floor, pre, modelfile=modelfile, modelfile_note=note)
 
 
 def write_tensors(writer, weight_files: list[Path], updates, config: dict, adapter_dir: Path, kind: str) -> int:
@@ -159,8 +168,7 @@ def write_tensors(writer, weight_files: list[Path], updates, config: dict, adapt
     import gguf
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
-    heads = {"q_proj": config["num_attention_heads"],
-             "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    heads = _qk_heads(config)
     count = 0
     for path in weight_files:
         for key, tensor in load_file(path).items():  # one input shard in memory at a time
@@ -326,3 +334,150 @@ def write_tokenizer(writer, tokenizer, pre: str, vocab_size: int) -> None:
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _export_adapter(updates, weight_files: list[Path], config: dict, adapter_dir: Path, out: Path,
+                    kind: str) -> ExportResult:
+    """llama.cpp's LoRA GGUF (``llama-cli -m base.gguf --lora OUT``): for each adapted weight ``<name>.lora_a``
+    [r, in] and ``<name>.lora_b`` [out, r], B's rows permuted for Q/K like the weight's, and
+    ``adapter.lora.alpha``. llama.cpp applies ``alpha / r`` per tensor pair (r: that pair's rank), so each
+    module's own scaling (rank/alpha patterns, rsLoRA, VeRA's and AdaLoRA's forms) is folded into B such that
+    this rule gives back exactly ΔW = B' @ A'. The file's content is checked against the merged weights."""
+    import gguf
+
+    from lorafit.adapter_io import read_adapter_config
+
+    alpha = float(read_adapter_config(adapter_dir).get("lora_alpha") or 0.0)  # VeRA has none: scale 1
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    heads = _qk_heads(config)
+    shapes = _weight_shapes(weight_files)
+    tmp = out.parent / f".{out.stem}.tmp-{os.getpid()}.gguf"
+    with write_failure(out, "the GGUF file", "nothing was written"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            writer = gguf.GGUFWriter(tmp, "llama")
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+            pairs, floor, stored = 0, 0.0, {}
+            for module, update in updates.items():
+                lora_a, lora_b = update.low_rank(shapes[module])
+                rank = lora_a.shape[0]
+                if rank == 0:
+                    continue  # AdaLoRA kept no triplet here: nothing to add
+                lora_b = lora_b * (rank / alpha if alpha else 1.0)  # undone by llama.cpp's alpha / rank
+                kind_of_module = module.rsplit(".", 1)[-1]
+                if kind_of_module in heads:
+                    lora_b = permute_rows(lora_b, heads[kind_of_module])
+                name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+                for suffix, tensor in ((".lora_a", lora_a), (".lora_b", lora_b)):
+                    data, raw = gguf_tensor(tensor.contiguous(), kind)
+                    writer.add_tensor(name + suffix, data, raw_dtype=raw)
+                stored[module] = (name, heads.get(kind_of_module))
+                floor = max(floor, _delta_error(update, shapes[module], rounded(lora_a, kind),
+                                                rounded(lora_b, kind), alpha, heads.get(kind_of_module)))
+                pairs += 1
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            error = check_adapter_file(tmp, updates, shapes, stored, alpha)
+            if error > floor * 1.05 + 1e-6:
+                raise LorafitError(f"self-check failed: ΔW rebuilt from the written file is up to {error:.3g} "
+                                   f"away from the adapter's, where {kind} rounding accounts for {floor:.3g}; "
+                                   "nothing was written (a bug in lorafit's export: please report it)")
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return ExportResult(out, 2 * pairs, len(updates), None, floor, "", max_delta_error=error)
+
+
+def check_adapter_file(path: Path, updates, shapes: dict, stored: dict[str, tuple[str, int | None]],
+                       alpha: float) -> float:
+    """Read the adapter GGUF back (gguf's reader, de-quantized) and rebuild each ΔW as llama.cpp does:
+    alpha / r · B @ A, B's rows un-permuted for Q/K. Returns the largest error against the adapter's ΔW."""
+    import gguf
+
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
+
+    def read(name: str) -> torch.Tensor:
+        tensor = tensors[name]
+        return torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+
+    return max((_delta_error(updates[module], shapes[module], read(name + ".lora_a"), read(name + ".lora_b"),
+                             alpha, heads) for module, (name, heads) in stored.items()), default=0.0)
+
+
+def _delta_error(update, shape: tuple[int, int], lora_a: torch.Tensor, lora_b: torch.Tensor, alpha: float,
+                 heads: int | None) -> float:
+    """Max |ΔW as llama.cpp rebuilds it from this A/B pair − the adapter's own ΔW|."""
+    if heads is not None:
+        lora_b = unpermute_rows(lora_b, heads)
+    rebuilt = (alpha / lora_a.shape[0] if alpha else 1.0) * (lora_b @ lora_a)
+    return float((rebuilt - update.merged_weight(torch.zeros(shape), torch.float32)).abs().max())
+
+
+def _qk_heads(config: dict) -> dict[str, int]:
+    """Heads whose row layout llama.cpp permutes: Q by attention heads, K by key/value heads."""
+    return {"q_proj": config["num_attention_heads"],
+            "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
+
+
+def _weight_shapes(weight_files: list[Path]) -> dict[str, tuple[int, int]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in weight_files:
+        with safe_open(path, framework="pt") as f:
+            shapes.update({key.removesuffix(".weight"): tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    return shapes
+
+
+CHATML_TEMPLATE = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+                   '{{ end }}<|im_start|>assistant\n')
+
+
+def ollama_modelfile(tokenizer, gguf_name: str) -> tuple[str, str]:
+    """An Ollama Modelfile for the exported file, and a one-line note on its template.
+
+    A chat template is translated only when it is ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n``, possibly
+    with a default system prompt) and the translation is proven on sample conversations: rendering them with
+    the model's own template gives exactly what the Ollama template gives. Otherwise the Modelfile has no
+    TEMPLATE, and the note says so.
+    """
+    lines = [f"FROM ./{gguf_name}"]
+    template = tokenizer.chat_template or ""
+    if "<|im_start|>" not in template or "<|im_end|>" not in template:
+        return "\n".join(lines) + "\n", ("no TEMPLATE: the chat template is not ChatML, the one family lorafit "
+                                         "translates; add a TEMPLATE by hand (Ollama's template syntax)")
+    system = _default_system(tokenizer)
+    if not _chatml_matches(tokenizer, system):
+        return "\n".join(lines) + "\n", ("no TEMPLATE: the chat template looks like ChatML but renders sample "
+                                         "conversations differently; add a TEMPLATE by hand")
+    lines.append(f'TEMPLATE """{CHATML_TEMPLATE}"""')
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines.append('PARAMETER stop "<|im_end|>"')
+    return "\n".join(lines) + "\n", "ChatML TEMPLATE" + (" with the template's default system prompt" if system
+                                                         else "") + ", stop at <|im_end|>"
+
+
+def _default_system(tokenizer) -> str | None:
+    """The system prompt the template adds when a conversation has none (SmolLM2's does), else None."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    head = "<|im_start|>system\n"
+    return text[len(head):text.index("<|im_end|>")] if text.startswith(head) else None
+
+
+def _chatml_matches(tokenizer, system: str | None) -> bool:
+    conversations = [[{"role": "user", "content": "What is 2 + 2?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]]
+    for messages in conversations:
+        if system is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]  # what SYSTEM makes Ollama send
+        chatml = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if rendered != chatml + "<|im_start|>assistant\n":
+            return False
+    return True

@@ -156,8 +156,85 @@ def test_export_from_the_command_line_refuses_overwriting_and_inputs(exportable,
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     assert "self-check: max |logit difference| vs base + adapter in fp32" in text and "same ids" in text
+    assert (tmp_path / "model.Modelfile").read_text().startswith("FROM ./model.gguf\nTEMPLATE")
     before = out.read_bytes()
     again = run("export", str(base), str(adapter), str(out))
     assert again.returncode == 2 and "pass --overwrite" in again.stderr and out.read_bytes() == before
     inside = run("export", str(base), str(adapter), str(adapter / "model.gguf"))
     assert inside.returncode == 2 and "never writes over its inputs" in " ".join(inside.stderr.split())
+
+
+@pytest.mark.parametrize("lora", [
+    {"r": 4, "alpha": 8, "rank_pattern": {"q_proj": 8}, "alpha_pattern": {"v_proj": 32}},
+    {"r": 4, "alpha": 8, "use_rslora": True},
+    {"r": 8, "variant": "vera"},
+], ids=["rank-and-alpha-patterns", "rslora", "vera"])
+def test_adapter_only_gguf_rebuilds_peft_merge_and_unload(tmp_path, lora):
+    """llama.cpp applies alpha/r per A/B pair; rebuilding W + alpha/r · B @ A from the file (B's rows un-permuted
+    for Q/K) must give PEFT's merged weights, whatever per-module scaling the adapter had."""
+    import gguf
+
+    tokenizer = bpe_tokenizer()
+    base = tmp_path / "base"
+    tiny_model(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+               num_key_value_heads=2).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    inject_lora(model, LoRAConfig(target_modules="all-linear", **lora))
+    randomize_lora_B(model)
+    save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "adapter.gguf"
+    result = export_gguf(str(base), tmp_path / "adapter", out, "f32", adapter_only=True)
+    assert result.max_delta_error <= 1e-6 and result.tensors == 2 * 14
+
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    alpha = reader.fields["adapter.lora.alpha"].contents()
+    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter")
+    merged = merged.merge_and_unload().state_dict()
+    weights = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    for layer in range(2):
+        for hf, ggml, heads in (("self_attn.q_proj", "attn_q", 4), ("self_attn.k_proj", "attn_k", 2),
+                                ("mlp.down_proj", "ffn_down", None)):
+            lora_a, lora_b = tensors[f"blk.{layer}.{ggml}.weight.lora_a"], tensors[f"blk.{layer}.{ggml}.weight.lora_b"]
+            if heads:
+                lora_b = unpermute_rows(lora_b, heads)
+            scale = alpha / lora_a.shape[0] if alpha else 1.0
+            key = f"model.layers.{layer}.{hf}.weight"
+            torch.testing.assert_close(weights[key] + scale * lora_b @ lora_a, merged[key], atol=1e-5, rtol=0)
+
+
+def test_adapter_only_refuses_dora_with_the_reason(tmp_path, exportable):
+    base, _ = exportable
+    model = AutoModelForCausalLM.from_pretrained(base)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, variant="dora"))
+    save_adapter(model, tmp_path / "dora")
+    with pytest.raises(LorafitError, match="DoRA .* not a low-rank update .* Export the full model"):
+        export_gguf(str(base), tmp_path / "dora", tmp_path / "dora.gguf", adapter_only=True)
+    assert not (tmp_path / "dora.gguf").exists()
+
+
+SMOLLM_LIKE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+               "{{ '<|im_start|>system\\nYou are SmolLM.<|im_end|>\\n' }}{% endif %}"
+               "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    (CHAT_TEMPLATE, ['TEMPLATE """', 'PARAMETER stop "<|im_end|>"']),
+    (SMOLLM_LIKE, ['TEMPLATE """', 'SYSTEM """You are SmolLM."""', 'PARAMETER stop "<|im_end|>"']),
+    ("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}", []),
+], ids=["chatml", "chatml-with-default-system", "not-chatml"])
+def test_ollama_modelfile_translates_only_chatml_it_has_checked(template, expected):
+    from lorafit.export import ollama_modelfile
+
+    tokenizer = bpe_tokenizer()
+    tokenizer.chat_template = template
+    text, note = ollama_modelfile(tokenizer, "model.gguf")
+    assert text.startswith("FROM ./model.gguf\n")
+    for line in expected:
+        assert line in text
+    if not expected:
+        assert "TEMPLATE" not in text and note.startswith("no TEMPLATE: the chat template is not ChatML")
