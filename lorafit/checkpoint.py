@@ -26,7 +26,8 @@ from lorafit.files import atomic_dir, tidy_after_kill, write_bytes
 
 STATE_NAME = "training_state.pt"
 ALLOCATION_NAME = "rank_allocation.json"
-RESULT_NAMES = ("recipe.yaml", ALLOCATION_NAME, "metrics.jsonl", "loss.png", "ranks.png", "adapter", "checkpoints")
+RESULT_NAMES = ("recipe.yaml", ALLOCATION_NAME, "metrics.jsonl", "loss.png", "ranks.png", "adapter", "checkpoints",
+                "tensorboard", "mlflow.db", "mlruns", "wandb", "trackers.json")  # the last five: train.report_to
 
 
 def check_output_dir(out: Path, resume: str | None, inputs: dict[str, Path]) -> None:

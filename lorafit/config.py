@@ -203,6 +203,8 @@ class TrainConfig(_Section):
     # With several processes: shard base and adapter weights (and optimizer state) over them (PyTorch FSDP2,
     # one shard group per decoder layer) instead of a full copy in each (DDP).
     fsdp: bool = False
+    # Also send the metrics to these trackers (optional extras; local/offline unless configured otherwise).
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
     seed: int = 0
     eval_every: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)

@@ -46,17 +46,20 @@ class RunSummary:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per event, flushed at once so a crash loses nothing logged.
-    ``path`` None: a process that is not the main one logs nothing."""
+    """metrics.jsonl: one JSON object per event, flushed at once so a crash loses nothing logged; each event
+    also goes to the run's trackers (``train.report_to``). ``path`` None: a process that is not the main one
+    logs nothing."""
 
-    def __init__(self, path: Path | None):
-        self.path = path
+    def __init__(self, path: Path | None, trackers=None):
+        self.path, self.trackers = path, trackers
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
 
 
 def summary_table(summary: RunSummary) -> Table:

@@ -55,6 +55,7 @@ from lorafit.report import (
     targeting_table,
 )
 from lorafit.schedule import make_scheduler
+from lorafit.trackers import Trackers, check_installed, closing, flat_params
 
 
 def train(recipe: Recipe, resume: str | None = None, console: Console | None = None) -> RunSummary:
@@ -66,6 +67,7 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
     """
     out = Path(recipe.output.dir)
     check_output_dir(out, resume, recipe.inputs())
+    check_installed(recipe.train.report_to)
     processes = process_state()
     main = processes.is_main_process
     with FolderLock(out) if main else contextlib.nullcontext():
@@ -149,7 +151,11 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
         if allocation is not None:
             save_allocation(out, allocation, recipe.lora.rank_allocation)
 
-    metrics = MetricsLog(out / "metrics.jsonl" if main else None)
+    trackers = None
+    if main and cfg.report_to:
+        trackers = Trackers(cfg.report_to, out, flat_params(recipe.model_dump(mode="json")),
+                            start_step if checkpoint is not None else None)
+    metrics = MetricsLog(out / "metrics.jsonl" if main else None, trackers)
 
     def eval_now() -> float:
         # Each process scores every world-th example, in as many batches as every other process (a sharded
@@ -172,7 +178,7 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
     stop = StopRequest()
     done = StepResult.none()
     eval_loss = None
-    with stop, make_progress(console, total_steps, start_step, world) as progress:
+    with stop, make_progress(console, total_steps, start_step, world) as progress, closing(trackers):
         for step in range(start_step + 1, total_steps + 1):
             # Ctrl-C (in any process): the previous step is complete, so checkpoint it and stop.
             if any_across(stop.requested, accelerator.device):
