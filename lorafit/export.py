@@ -28,7 +28,7 @@ from lorafit.files import refuse_overlap, write_failure, write_text_atomic
 from lorafit.merge import base_folder, check_adapter_fits, checkpoint_files, merged_or_refused
 
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")  # --dtype choices: GGML types F32, F16, BF16, Q8_0
-ARCHITECTURES = {"llama": "LLAMA"}  # HF model_type -> gguf.MODEL_ARCH member
+ARCHITECTURES = ("llama",)  # HF model_type values written as gguf's MODEL_ARCH.LLAMA
 CHECK_TEXT = "The quick brown fox jumps over the lazy dog on 3 March 2021."
 
 
@@ -88,6 +88,13 @@ def _config(folder: Path) -> dict:
     if model_type not in ARCHITECTURES:
         raise LorafitError(f"BASE: model_type {model_type!r} cannot be exported to GGUF yet; lorafit exports "
                            f"{', '.join(ARCHITECTURES)} models (merge it and use llama.cpp's convert_hf_to_gguf.py)")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    unsupported = [what for what, present in (
+        (f"rope type {rope.get('rope_type')!r}", rope.get("rope_type", "default") != "default"),
+        ("attention biases", config.get("attention_bias")), ("MLP biases", config.get("mlp_bias"))) if present]
+    if unsupported:
+        raise LorafitError(f"BASE: {', '.join(unsupported)} are not written to GGUF by lorafit yet (the file would "
+                           "compute differently); merge it and use llama.cpp's convert_hf_to_gguf.py")
     return config
 
 
