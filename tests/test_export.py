@@ -238,3 +238,15 @@ def test_ollama_modelfile_translates_only_chatml_it_has_checked(template, expect
         assert line in text
     if not expected:
         assert "TEMPLATE" not in text and note.startswith("no TEMPLATE: the chat template is not ChatML")
+
+
+def test_what_the_export_does_not_write_yet_is_refused_up_front(exportable, tmp_path):
+    base, adapter = exportable
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "mlp_bias": True}))
+    with pytest.raises(LorafitError, match="MLP biases are not written to GGUF by lorafit yet"):
+        export_gguf(str(base), adapter, tmp_path / "model.gguf")
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(LorafitError, match="model_type 'gpt2' cannot be exported to GGUF yet"):
+        export_gguf(str(base), adapter, tmp_path / "model.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
