@@ -25,7 +25,7 @@ from lorafit.dora import dora_merged_weight
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
 from lorafit.inject import lora_modules, pattern_value, set_trainable, wrap_module
-from lorafit.lora import AdapterLayer, lora_delta, lora_scaling, merged_weight
+from lorafit.lora import AdapterLayer, is_conv1d, layer_shape, lora_delta, lora_scaling, merged_weight
 from lorafit.vera import PROJECTION_KEYS, VeRAProjections, vera_delta
 
 CONFIG_NAME = "adapter_config.json"
@@ -35,7 +35,6 @@ _PARTS = ("lora_A.weight", "lora_B.weight")
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's [out] magnitude; PEFT saves it without ".weight"
 # PEFT options that change the math; an adapter using any of them is refused instead of loaded wrong.
 _UNSUPPORTED = {
-    "fan_in_fan_out": False,
     "lora_bias": False,
     "modules_to_save": None,
     "layer_replication": None,
@@ -231,7 +230,7 @@ def adapter_config(modules: dict[str, AdapterLayer], base_model_name: str | None
         "target_modules": sorted(modules),
         # What lorafit never trains (biases, extra modules) and the weight layout it always uses.
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(module.fan_in_fan_out for module in modules.values()),  # Conv1D bases (GPT-2)
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -465,10 +464,10 @@ def _check_fit(model: nn.Module, per_module: dict[str, SavedUpdate], adapter_dir
         except AttributeError:
             problems.append(f"module {name} does not exist in the base model")
             continue
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, nn.Linear) and not is_conv1d(base):
             problems.append(f"module {name} is a {type(base).__name__}, not a linear layer")
             continue
-        problem = found.misfit(base.out_features, base.in_features)
+        problem = found.misfit(*layer_shape(base))
         if problem:
             problems.append(f"module {name}: {problem}")
     if problems:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.lora import LoRALinear, lora_delta
+from lorafit.lora import LoRALinear, is_conv1d, lora_delta
 
 
 def dora_row_norm(weight_sq_norm: torch.Tensor, weight_a: torch.Tensor, lora_A: torch.Tensor,
@@ -129,10 +129,11 @@ class _DoRAOutput(torch.autograd.Function):
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """A linear layer's weight as a dense fp32 [out, in] tensor; a bitsandbytes 4-bit weight de-quantized."""
+    """A linear layer's weight as a dense fp32 [out, in] tensor; a bitsandbytes 4-bit weight de-quantized,
+    a Conv1D weight ([in, out]) transposed."""
     weight = layer.weight
     if weight.dtype.is_floating_point:
-        return weight.detach().float()
+        return weight.detach().float().T if is_conv1d(layer) else weight.detach().float()
     state = getattr(weight, "quant_state", None)
     if state is None:
         raise TypeError(f"DoRA needs a float or 4-bit base weight, not {weight.dtype} ({type(layer).__name__}); "

@@ -30,6 +30,7 @@ from lorafit.config import LoRAConfig
 from lorafit.data import IGNORE_INDEX
 from lorafit.errors import LorafitError
 from lorafit.inject import find_targets, target_settings
+from lorafit.lora import layer_shape
 
 PCA_SEED = 42  # torch.svd_lowrank draws a random test matrix; fixed as PEFT fixes it
 
@@ -163,7 +164,7 @@ def allocate_eva(
     """
     device = next(model.parameters()).device
     modules = {name: model.get_submodule(name) for name in targets}
-    cap = {name: min(round(ranks[name] * rho), modules[name].in_features) for name in targets}
+    cap = {name: min(round(ranks[name] * rho), layer_shape(modules[name])[1]) for name in targets}
     groups = shared_inputs(model, modules, batch_at(0), device)  # first reader -> all readers
     for members in groups.values():
         widest = max(cap[name] for name in members)

@@ -14,7 +14,7 @@ from lorafit.adalora import AdaLoRALinear, AdaLoRASettings
 from lorafit.config import AdaLoRAConfig, LoRAConfig, RegexTarget, TargetModules, VeRAConfig
 from lorafit.dora import DoRALinear
 from lorafit.errors import LorafitError
-from lorafit.lora import AdapterLayer, LoRALinear, TrainingHooks
+from lorafit.lora import AdapterLayer, LoRALinear, TrainingHooks, is_conv1d
 from lorafit.vera import VeRALinear, projections_for
 
 if TYPE_CHECKING:
@@ -44,12 +44,14 @@ class InjectionReport:
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Every linear layer except the output head (which ties to the embeddings in many models)."""
+    """Every linear layer — nn.Linear or transformers' Conv1D (GPT-2), as PEFT's all-linear counts them —
+    except the output head (which ties to the embeddings in many models)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head and not isinstance(module, AdapterLayer)
+        if (isinstance(module, nn.Linear) or is_conv1d(module)) and module is not head
+        and not isinstance(module, AdapterLayer)
     ]
 
 
@@ -224,7 +226,7 @@ def _no_match_message(candidates: list[str], target_modules: TargetModules, laye
     if layers is not None:
         message += f" with lora.layers {layers}"
     message += " matches no linear layer of this model.\n"
-    message += f"  Linear layers here: {', '.join(kinds) or '(none)'}"
+    message += f"  Linear (and Conv1D) layers here: {', '.join(kinds) or '(none)'}"
     if candidates:
         message += f" (full path e.g. {candidates[0]})"
     if indices:

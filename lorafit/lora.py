@@ -41,6 +41,19 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype 
     return merged
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and kin: weight [in, out]), recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer or of a Conv1D (whose weight is [in, out])."""
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        return out_features, in_features
+    return module.out_features, module.in_features
+
+
 def config_dropout(modules: dict[str, AdapterLayer]) -> float:
     """The dropout a PEFT config records for these layers (one value per adapter: the largest)."""
     return max(m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in modules.values())
@@ -95,8 +108,13 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, dropout: float = 0.0) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features: int = base_layer.in_features
-        self.out_features: int = base_layer.out_features
+        # transformers' Conv1D (GPT-2) stores its weight [in, out] and computes x·W + b: PEFT's fan_in_fan_out.
+        # The update is the same [out, in] B·A either way; only merging sees the layout (``weight_view``).
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         # No dropout module at all when p == 0: nn.Identity costs nothing, nn.Dropout(0) still copies.
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -175,13 +193,14 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
     def _float_base_weight(self) -> torch.Tensor:
+        """The base weight as [out, in] (for Conv1D a transposed view: writes go through to the weight)."""
         weight = self.base_layer.weight
         if not weight.dtype.is_floating_point:
             raise TypeError(
                 f"cannot merge an adapter into a {weight.dtype} (quantized) base weight: merge into the "
                 "full-precision checkpoint instead"
             )
-        return weight
+        return weight.T if self.fan_in_fan_out else weight
 
 
 class LoRALinear(AdapterLayer):

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lorafit.adapter_io import SavedUpdate, misfit_error, read_adapter
+from lorafit.adapter_io import SavedUpdate, misfit_error, read_adapter, read_adapter_config
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir, refuse_overlap, replace_lock, tidy_after_kill, write_failure
@@ -76,7 +76,8 @@ def _merge_locked(base: str, adapter_dir: Path, out: Path, dtype: str, shard_byt
     refuse_overlap(out, "OUT", {"the base model's files": folder})
     refuse_remote_code(folder, base, trust_remote_code)
     weight_files = checkpoint_files(folder)
-    check_adapter_fits(updates, weight_files, adapter_dir)
+    transposed = check_adapter_fits(updates, weight_files, adapter_dir,
+                                    bool(read_adapter_config(adapter_dir).get("fan_in_fan_out")))
 
     target_dtype = DTYPES[dtype]
     with atomic_dir(out, "the merged model") as tmp:
@@ -84,7 +85,9 @@ def _merge_locked(base: str, adapter_dir: Path, out: Path, dtype: str, shard_byt
         for path in weight_files:
             for key, tensor in load_file(path).items():  # one input shard in memory at a time
                 module = key.removesuffix(".weight")
-                if key.endswith(".weight") and module in updates:
+                if key.endswith(".weight") and module in transposed:  # Conv1D: [in, out]
+                    tensor = merged_or_refused(updates[module], tensor.T, target_dtype, module, adapter_dir).T
+                elif key.endswith(".weight") and module in updates:
                     tensor = merged_or_refused(updates[module], tensor, target_dtype, module, adapter_dir)
                 elif tensor.is_floating_point():
                     tensor = tensor.to(target_dtype)
@@ -159,21 +162,31 @@ def checkpoint_files(folder: Path) -> list[Path]:
                        "only (load the model in transformers and save_pretrained it to convert)")
 
 
-def check_adapter_fits(updates: dict[str, SavedUpdate], weight_files: list[Path], adapter_dir: Path) -> None:
-    """Every adapted module must have a weight [out, in] matching B [out, r] @ A [r, in]; checked from headers."""
+def check_adapter_fits(updates: dict[str, SavedUpdate], weight_files: list[Path], adapter_dir: Path,
+                       fan_in_fan_out: bool = False) -> set[str]:
+    """Every adapted module must have a weight [out, in] matching B [out, r] @ A [r, in]; checked from headers.
+
+    With ``fan_in_fan_out`` (PEFT's flag for transformers' Conv1D, GPT-2) weights are stored [in, out]: a
+    weight that fits transposed is merged transposed. Returns the modules stored that way.
+    """
     shapes = {}
     for path in weight_files:
         with safe_open(path, framework="pt") as f:
             shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
-    problems = []
+    problems, transposed = [], set()
     for name, update in updates.items():
         shape = shapes.get(f"{name}.weight")
         if shape is None:
             problems.append(f"module {name}: no weight {name}.weight in the base checkpoint")
-        elif len(shape) != 2 or (problem := update.misfit(*shape)):
-            problems.append(f"module {name}: {problem if len(shape) == 2 else f'base weight is {list(shape)}'}")
+        elif len(shape) != 2:
+            problems.append(f"module {name}: base weight is {list(shape)}")
+        elif fan_in_fan_out and update.misfit(shape[1], shape[0]) is None:
+            transposed.add(name)
+        elif problem := update.misfit(*shape):
+            problems.append(f"module {name}: {problem}")
     if problems:
         raise misfit_error(adapter_dir, problems)
+    return transposed
 
 
 class ShardWriter:

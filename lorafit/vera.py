@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.lora import AdapterLayer, config_dropout, merged_weight
+from lorafit.lora import AdapterLayer, config_dropout, layer_shape, merged_weight
 
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
@@ -131,7 +131,7 @@ class VeRALinear(AdapterLayer):
 
 def projections_for(layers: list[nn.Module], r: int, key: int) -> VeRAProjections:
     """The shared projections for these base layers: as wide as the widest input and output among them."""
-    max_in = max(layer.in_features for layer in layers)
-    max_out = max(layer.out_features for layer in layers)
+    max_out = max(layer_shape(layer)[0] for layer in layers)
+    max_in = max(layer_shape(layer)[1] for layer in layers)
     projections = VeRAProjections.draw(r, max_in, max_out, key)
     return projections.to(layers[0].weight.device)

@@ -131,8 +131,8 @@ def test_refuses_pickle_and_unsupported_features(tmp_path):
     (folder / "adapter_model.bin").write_bytes(b"not read")
     with pytest.raises(LorafitError, match="never loads pickle"):
         load_adapter(tiny_model(), folder)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "fan_in_fan_out": True}))
-    with pytest.raises(LorafitError, match="fan_in_fan_out"):
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_bias": True}))
+    with pytest.raises(LorafitError, match="lora_bias"):
         load_adapter(tiny_model(), folder)
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(LorafitError, match="IA3"):
