@@ -63,7 +63,7 @@ class Trackers:
     """The trackers of one run (the main process's). ``log`` takes metrics.jsonl records."""
 
     def __init__(self, names: list[str], out: Path, params: dict[str, Any], resumed_at: int | None):
-        self.out, self.trackers = out, []
+        self.trackers = []
         ids = _read_ids(out) if resumed_at is not None else {}
         for name in names:
             self.trackers.append({"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}[name](
