@@ -15,6 +15,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,25 +151,37 @@ def export_gguf(base: str, adapter_dir: str | Path, out: str | Path, kind: str =
     tokenizer = _tokenizer(folder)
     pre = pre_tokenizer_name(tokenizer)
 
+    with gguf_beside(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        write_model_metadata(writer, config, Path(base).stem if Path(base).exists() else base, kind)
+        write_tokenizer(writer, tokenizer, pre, config["vocab_size"])
+        count = write_tensors(writer, weight_files, updates, config, adapter_dir, kind)
+        finish(writer)
+        diff, floor = verify_export(tmp, base, adapter_dir, tokenizer, updates, kind) if verify else (None, None)
+    text, note = ollama_modelfile(tokenizer, out.name)
+    write_text_atomic(modelfile, text)
+    return ExportResult(out, count, len(updates), diff, floor, pre, modelfile=modelfile, modelfile_note=note)
+
+
+@contextmanager
+def gguf_beside(out: Path) -> Iterator[Path]:
+    """A temp .gguf path beside OUT: it replaces OUT if the block succeeds (self-check included), else vanishes."""
     tmp = out.parent / f".{out.stem}.tmp-{os.getpid()}.gguf"
     with write_failure(out, "the GGUF file", "nothing was written"):
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            writer = gguf.GGUFWriter(tmp, "llama")
-            write_model_metadata(writer, config, Path(base).stem if Path(base).exists() else base, kind)
-            write_tokenizer(writer, tokenizer, pre, config["vocab_size"])
-            count = write_tensors(writer, weight_files, updates, config, adapter_dir, kind)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            diff, floor = verify_export(tmp, base, adapter_dir, tokenizer, updates, kind) if verify else (None, None)
+            yield tmp
             os.replace(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)
-    text, note = ollama_modelfile(tokenizer, out.name)
-    write_text_atomic(modelfile, text)
-    return ExportResult(out, count, len(updates), diff, floor, pre, modelfile=modelfile, modelfile_note=note)
+
+
+def finish(writer) -> None:
+    """Header, metadata, tensors: GGUFWriter's order."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def write_tensors(writer, weight_files: list[Path], updates, config: dict, adapter_dir: Path, kind: str) -> int:
@@ -358,44 +372,35 @@ def _export_adapter(updates, weight_files: list[Path], config: dict, adapter_dir
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     heads = _qk_heads(config)
     shapes = _weight_shapes(weight_files)
-    tmp = out.parent / f".{out.stem}.tmp-{os.getpid()}.gguf"
-    with write_failure(out, "the GGUF file", "nothing was written"):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            writer = gguf.GGUFWriter(tmp, "llama")
-            writer.add_type(gguf.GGUFType.ADAPTER)
-            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-            pairs, floor, stored = 0, 0.0, {}
-            for module, update in updates.items():
-                lora_a, lora_b = update.low_rank(shapes[module])
-                rank = lora_a.shape[0]
-                if rank == 0:
-                    continue  # AdaLoRA kept no triplet here: nothing to add
-                lora_b = lora_b * (rank / alpha if alpha else 1.0)  # undone by llama.cpp's alpha / rank
-                kind_of_module = module.rsplit(".", 1)[-1]
-                if kind_of_module in heads:
-                    lora_b = permute_rows(lora_b, heads[kind_of_module])
-                name = names.get_name(module + ".weight", try_suffixes=(".weight",))
-                for suffix, tensor in ((".lora_a", lora_a), (".lora_b", lora_b)):
-                    data, raw = gguf_tensor(tensor.contiguous(), kind)
-                    writer.add_tensor(name + suffix, data, raw_dtype=raw)
-                stored[module] = (name, heads.get(kind_of_module))
-                floor = max(floor, _delta_error(update, shapes[module], rounded(lora_a, kind),
-                                                rounded(lora_b, kind), alpha, heads.get(kind_of_module)))
-                pairs += 1
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            error = check_adapter_file(tmp, updates, shapes, stored, alpha)
-            if error > floor * 1.05 + 1e-6:
-                raise LorafitError(f"self-check failed: ΔW rebuilt from the written file is up to {error:.3g} "
-                                   f"away from the adapter's, where {kind} rounding accounts for {floor:.3g}; "
-                                   "nothing was written (a bug in lorafit's export: please report it)")
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with gguf_beside(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        pairs, floor, stored = 0, 0.0, {}
+        for module, update in updates.items():
+            lora_a, lora_b = update.low_rank(shapes[module])
+            rank = lora_a.shape[0]
+            if rank == 0:
+                continue  # AdaLoRA kept no triplet here: nothing to add
+            lora_b = lora_b * (rank / alpha if alpha else 1.0)  # undone by llama.cpp's alpha / rank
+            kind_of_module = module.rsplit(".", 1)[-1]
+            if kind_of_module in heads:
+                lora_b = permute_rows(lora_b, heads[kind_of_module])
+            name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+            for suffix, tensor in ((".lora_a", lora_a), (".lora_b", lora_b)):
+                data, raw = gguf_tensor(tensor.contiguous(), kind)
+                writer.add_tensor(name + suffix, data, raw_dtype=raw)
+            stored[module] = (name, heads.get(kind_of_module))
+            floor = max(floor, _delta_error(update, shapes[module], rounded(lora_a, kind), rounded(lora_b, kind),
+                                            alpha, heads.get(kind_of_module)))
+            pairs += 1
+        finish(writer)
+        error = check_adapter_file(tmp, updates, shapes, stored, alpha)
+        if error > floor * 1.05 + 1e-6:
+            raise LorafitError(f"self-check failed: ΔW rebuilt from the written file is up to {error:.3g} away "
+                               f"from the adapter's, where {kind} rounding accounts for {floor:.3g}; nothing was "
+                               "written (a bug in lorafit's export: please report it)")
     return ExportResult(out, 2 * pairs, len(updates), None, floor, "", max_delta_error=error)
 
 

@@ -39,19 +39,24 @@ def bpe_tokenizer(digits: bool = False) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-@pytest.fixture
-def exportable(tmp_path):
-    """A tiny Llama (64 wide: Q8_0 blocks fit) with a BPE tokenizer, and a LoRA adapter with non-zero B."""
+def base_and_adapter(tmp_path, **lora):
+    """A tiny Llama (64 wide: Q8_0 blocks fit; 4 heads, 2 KV heads) with a BPE tokenizer, saved, and an adapter
+    (``lora``: LoRAConfig fields) with non-zero B. Returns (base folder, adapter folder)."""
     tokenizer = bpe_tokenizer()
     base = tmp_path / "base"
     tiny_model(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
                num_key_value_heads=2).save_pretrained(base)
     tokenizer.save_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    inject_lora(model, LoRAConfig(target_modules="all-linear", **lora))
     randomize_lora_B(model)
     save_adapter(model, tmp_path / "adapter")
     return base, tmp_path / "adapter"
+
+
+@pytest.fixture
+def exportable(tmp_path):
+    return base_and_adapter(tmp_path, r=4, alpha=8)
 
 
 def read_back(path):
@@ -174,15 +179,7 @@ def test_adapter_only_gguf_rebuilds_peft_merge_and_unload(tmp_path, lora):
     for Q/K) must give PEFT's merged weights, whatever per-module scaling the adapter had."""
     import gguf
 
-    tokenizer = bpe_tokenizer()
-    base = tmp_path / "base"
-    tiny_model(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
-               num_key_value_heads=2).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    inject_lora(model, LoRAConfig(target_modules="all-linear", **lora))
-    randomize_lora_B(model)
-    save_adapter(model, tmp_path / "adapter")
+    base, _ = base_and_adapter(tmp_path, **lora)
     out = tmp_path / "adapter.gguf"
     result = export_gguf(str(base), tmp_path / "adapter", out, "f32", adapter_only=True)
     assert result.max_delta_error <= 1e-6 and result.tensors == 2 * 14
