@@ -15,7 +15,7 @@ from lorafit.data import IGNORE_INDEX, TokenizedData, collate
 
 # Model types whose loss is exactly CE(lm_head(final hidden state)): no soft-capping (Gemma 2/3), no
 # logit scale (Cohere, Granite), no router loss (mixture-of-experts models). Others take the generic
-# path through the model's own forward.
+# path through the model's own forward (which adds an MoE router's auxiliary loss when configured).
 PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3",
                                "starcoder2"})
 LOGITS_BUDGET = 64 * 2**20  # logit elements per chunk: 256 MiB in fp32, whatever the vocabulary size
@@ -38,12 +38,26 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return linear_cross_entropy(hidden[:, :-1][trained], head.weight, targets[trained])
     keep = trained.any(dim=0).nonzero().squeeze(1)  # (K,) positions t trained in some row
     if "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters:
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
+        output = model(**inputs, use_cache=False, logits_to_keep=keep)
+        logits = output.logits  # (B, K, V)
     else:
-        logits = model(**inputs, use_cache=False).logits[:, keep]  # (B, K, V)
-    return F.cross_entropy(
+        output = model(**inputs, use_cache=False)
+        logits = output.logits[:, keep]  # (B, K, V)
+    loss = F.cross_entropy(
         logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+    return loss + _router_loss(model, output, trained)
+
+
+def _router_loss(model, output, trained: torch.Tensor) -> torch.Tensor | float:
+    """A mixture-of-experts model configured with ``output_router_logits`` trains its router to balance the
+    experts: transformers adds ``router_aux_loss_coef · aux_loss`` to the mean token loss. In this summed form
+    that is the same term once per trained token, so a step's loss equals transformers' own."""
+    config = getattr(_unwrap(model), "config", None)
+    aux = getattr(output, "aux_loss", None)
+    if aux is None or not getattr(config, "output_router_logits", False):
+        return 0.0
+    return getattr(config, "router_aux_loss_coef", 0.0) * aux.float() * trained.sum()
 
 
 class TokenLoss(nn.Module):

@@ -362,8 +362,9 @@ def accumulate_gradients(objective, micro_batches: list[dict[str, torch.Tensor]]
     same gradient as one batch of 2B rows, and N processes with B rows each the same as one with N·B (not a
     mean of per-batch means). DDP averages gradients over the N processes, hence the factor N. Gradients are
     all-reduced once, on the last micro-batch. A variant's regularization term joins each micro-batch's loss
-    divided by their number: once per step. The returned loss is the language-model loss alone, comparable
-    with eval loss.
+    divided by their number: once per step. The returned loss is the language-model loss without that term
+    (with an MoE router's auxiliary loss where the model's config asks for it, as transformers' loss has),
+    comparable with eval loss.
     """
     device, world = accelerator.device, accelerator.num_processes
     target_tokens = max(sum_across([sum(trained_positions(b) for b in micro_batches)], device)[0], 1)

@@ -99,3 +99,27 @@ def test_under_bf16_autocast_matches_transformers_loss_under_the_same_autocast()
     torch.testing.assert_close(ours, theirs.float(), atol=0, rtol=1e-2)
     for name, grad in their_grads.items():
         torch.testing.assert_close(ours_grads[name], grad, atol=1e-3, rtol=5e-2, msg=name)
+
+
+@pytest.mark.parametrize("router_loss", [True, False])
+def test_moe_router_aux_loss_is_in_the_loss_when_the_config_asks_for_it(router_loss):
+    """A tiny Mixtral: lorafit's loss per trained token equals transformers' own loss, which adds
+    router_aux_loss_coef · aux_loss when output_router_logits is set (1e-6), and leaves it out otherwise."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=router_loss, router_aux_loss_coef=0.05, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).eval()
+    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    randomize_lora_B(model)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :3] = -100  # a prompt, not trained
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        theirs = model(**batch)
+        ours = token_loss_sum(model, batch) / int((labels[:, 1:] != -100).sum())
+    assert (theirs.aux_loss is not None) == router_loss
+    torch.testing.assert_close(ours, theirs.loss, atol=1e-6, rtol=0)
