@@ -86,11 +86,10 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, re
         write_adapter_content(tmp, adapter)
         state = {
             "step": step,
-            "sharded": objective is not None and is_sharded(objective),  # FSDP: optimizer state keyed by name
+            "sharded": is_sharded(objective),  # FSDP: optimizer state keyed by name
             "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "hooks": hooks.state_dict(),  # the variant's loop state (AdaLoRA), {} for most
-            "rng": rng[0],
             "rng_per_process": rng,  # [rank] -> that process's RNG states
         }
         buffer = io.BytesIO()  # the state is the adapter's size (optimizer moments), so it fits in memory
@@ -104,7 +103,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, re
 def full_optimizer_state(objective, optimizer) -> dict:
     """The optimizer's state dict; with FSDP the whole of it, gathered from every process's shard (a
     collective), keyed by parameter name, on the main process."""
-    if objective is None or not is_sharded(objective):
+    if not is_sharded(objective):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -113,7 +112,7 @@ def full_optimizer_state(objective, optimizer) -> dict:
 
 
 def load_optimizer_state(objective, optimizer, state: dict, checkpoint: Path) -> None:
-    sharded = objective is not None and is_sharded(objective)
+    sharded = is_sharded(objective)
     if bool(state.get("sharded")) != sharded:
         written = "with train.fsdp: true" if state.get("sharded") else "without train.fsdp"
         raise LorafitError(f"{checkpoint} was written {written}; resume with the same train.fsdp setting")
@@ -151,7 +150,8 @@ def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler, hooks, *, 
 def _own_rng(state: dict, checkpoint: Path) -> dict:
     """This process's RNG states. The data split (and so the run) depends on the number of processes, so a
     checkpoint continues exactly only with as many processes as wrote it."""
-    per_process = state.get("rng_per_process", [state["rng"]])
+    # checkpoints written before runs of several processes hold one "rng"
+    per_process = state["rng_per_process"] if "rng_per_process" in state else [state["rng"]]
     if len(per_process) != world_size():
         raise LorafitError(f"{checkpoint} was written by a run of {len(per_process)} process(es) and this run has "
                            f"{world_size()}; resume with {len(per_process)} (each process's share of every batch "

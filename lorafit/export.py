@@ -24,10 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from lorafit.adapter_io import read_adapter
 from lorafit.errors import LorafitError
-from lorafit.files import refuse_overlap, write_failure, write_text_atomic
-from lorafit.merge import base_folder, check_adapter_fits, checkpoint_files, merged_or_refused
+from lorafit.files import local_paths, refuse_overlap, write_failure, write_text_atomic
+from lorafit.merge import adapter_and_base, merged_or_refused
 
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")  # --dtype choices: GGML types F32, F16, BF16, Q8_0
 ARCHITECTURES = ("llama",)  # HF model_type values written as gguf's MODEL_ARCH.LLAMA
@@ -133,19 +132,15 @@ def export_gguf(base: str, adapter_dir: str | Path, out: str | Path, kind: str =
         raise LorafitError(f"--dtype {kind!r}: use one of {', '.join(EXPORT_TYPES)}")
     if out.suffix != ".gguf":
         raise LorafitError(f"OUT {out}: give a file name ending in .gguf")
-    refuse_overlap(out, "OUT", {"ADAPTER": adapter_dir, **({"BASE": Path(base)} if Path(base).exists() else {})})
+    refuse_overlap(out, "OUT", {"ADAPTER": adapter_dir, **local_paths({"BASE": base})})
     if out.is_dir():
         raise LorafitError(f"OUT {out} is a folder; give a .gguf file path")
     modelfile = out.with_suffix(".Modelfile")
     for path in (out, modelfile) if not adapter_only else (out,):
         if path.exists() and not overwrite:
             raise LorafitError(f"{path} exists; pass --overwrite to replace it, or choose another OUT")
-    updates = read_adapter(adapter_dir)
-    folder = base_folder(base)
-    refuse_overlap(out, "OUT", {"the base model's files": folder})
+    updates, folder, weight_files, _ = adapter_and_base(base, adapter_dir, out)  # Conv1D models: refused next
     config = _config(folder)
-    weight_files = checkpoint_files(folder)
-    check_adapter_fits(updates, weight_files, adapter_dir)
     if adapter_only:
         return _export_adapter(updates, weight_files, config, adapter_dir, out, kind)
     tokenizer = _tokenizer(folder)

@@ -159,6 +159,12 @@ def _default_permissions(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def local_paths(candidates: dict[str, str | Path | None]) -> dict[str, Path]:
+    """Those of ``candidates`` (label -> path, hub id or package spec) that exist on this machine: the
+    inputs an output must never replace."""
+    return {label: Path(value) for label, value in candidates.items() if value and Path(value).exists()}
+
+
 def refuse_overlap(out: Path, option: str, inputs: dict[str, Path]) -> None:
     """``out`` will be replaced whole: refuse it when it is, lies inside, or contains one of ``inputs``."""
     target = out.expanduser().resolve()

@@ -109,12 +109,9 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         # transformers' Conv1D (GPT-2) stores its weight [in, out] and computes x·W + b: PEFT's fan_in_fan_out.
-        # The update is the same [out, in] B·A either way; only merging sees the layout (``weight_view``).
+        # The update is the same [out, in] B·A either way; only merging sees the layout (_float_base_weight).
         self.fan_in_fan_out = is_conv1d(base_layer)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.out_features, self.in_features = layer_shape(base_layer)
         # No dropout module at all when p == 0: nn.Identity costs nothing, nn.Dropout(0) still copies.
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False

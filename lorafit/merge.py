@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from lorafit.adapter_io import SavedUpdate, misfit_error, read_adapter, read_adapter_config
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
-from lorafit.files import atomic_dir, refuse_overlap, replace_lock, tidy_after_kill, write_failure
+from lorafit.files import atomic_dir, local_paths, refuse_overlap, replace_lock, tidy_after_kill, write_failure
 from lorafit.model import DTYPES, local_source
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -55,7 +55,7 @@ def merge_adapter(
     if dtype not in DTYPES:
         raise LorafitError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
-    inputs = {"ADAPTER": adapter_dir, **({"BASE": Path(base)} if Path(base).exists() else {})}
+    inputs = {"ADAPTER": adapter_dir, **local_paths({"BASE": base})}
     refuse_overlap(out, "OUT", inputs)  # even with --overwrite: replacing OUT would delete an input
     with write_failure(out.parent, "the folder for OUT"):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -71,13 +71,8 @@ def _merge_locked(base: str, adapter_dir: Path, out: Path, dtype: str, shard_byt
         raise LorafitError(f"OUT {out} is a file; give a folder path for the merged model")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LorafitError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another OUT")
-    updates = read_adapter(adapter_dir)
-    folder = base_folder(base)
-    refuse_overlap(out, "OUT", {"the base model's files": folder})
+    updates, folder, weight_files, transposed = adapter_and_base(base, adapter_dir, out)
     refuse_remote_code(folder, base, trust_remote_code)
-    weight_files = checkpoint_files(folder)
-    transposed = check_adapter_fits(updates, weight_files, adapter_dir,
-                                    bool(read_adapter_config(adapter_dir).get("fan_in_fan_out")))
 
     target_dtype = DTYPES[dtype]
     with atomic_dir(out, "the merged model") as tmp:
@@ -97,6 +92,19 @@ def _merge_locked(base: str, adapter_dir: Path, out: Path, dtype: str, shard_byt
         diff, floor = (verify_merge(tmp, base, adapter_dir, target_dtype, trust_remote_code) if verify
                        else (None, None))
     return MergeResult(out, shards, len(updates), diff, floor)
+
+
+def adapter_and_base(base: str, adapter_dir: Path,
+                     out: Path) -> tuple[dict[str, SavedUpdate], Path, list[Path], set[str]]:
+    """What merge and export read, checked: the adapter's updates, the base's local folder (OUT must not hold
+    it) and weight files, and the modules whose weights are stored [in, out] (Conv1D). Reads headers only."""
+    updates = read_adapter(adapter_dir)
+    folder = base_folder(base)
+    refuse_overlap(out, "OUT", {"the base model's files": folder})
+    weight_files = checkpoint_files(folder)
+    transposed = check_adapter_fits(updates, weight_files, adapter_dir,
+                                    bool(read_adapter_config(adapter_dir).get("fan_in_fan_out")))
+    return updates, folder, weight_files, transposed
 
 
 def merged_or_refused(update: SavedUpdate, weight: torch.Tensor, dtype: torch.dtype, module: str,
