@@ -23,6 +23,7 @@ from torch import nn
 from lorafit.adalora import RANKNUM_EPS, AdaLoRASettings, adalora_delta
 from lorafit.dora import dora_merged_weight
 from lorafit.errors import LorafitError
+from lorafit.experts import ParamLoRA, ParamTarget, named_in_config, saved_paths, target_path, wrap_parameter
 from lorafit.files import atomic_dir
 from lorafit.inject import lora_modules, pattern_value, set_trainable, wrap_module
 from lorafit.lora import AdapterLayer, is_conv1d, layer_shape, lora_delta, lora_scaling, merged_weight
@@ -54,6 +55,8 @@ class ModuleAdapter:
     alpha: float
     use_rslora: bool = False
     magnitude: torch.Tensor | None = None
+    parameter: ParamTarget | None = None  # an MoE expert parameter (lorafit/experts.py): A [E·r, in], B [out, r·E]
+    experts: int = 1
 
     @property
     def scaling(self) -> float:
@@ -74,18 +77,23 @@ class ModuleAdapter:
                 module.lora_magnitude_vector.copy_(self.magnitude)
 
     def misfit(self, out_features: int, in_features: int) -> str | None:
-        """Why this update cannot apply to a base weight [out, in], or None."""
-        want_a, want_b = (self.r, in_features), (out_features, self.r)
+        """Why this update cannot apply to a base weight [out, in] (per expert), or None."""
+        rows = self.r * self.experts
+        want_a, want_b = (rows, in_features), (out_features, rows)
         got_a, got_b = tuple(self.lora_A.shape), tuple(self.lora_B.shape)
         if (got_a, got_b) == (want_a, want_b):
             return None
+        experts = f" x {self.experts} experts" if self.experts > 1 else ""
         return (f"adapter has lora_A {list(got_a)}, lora_B {list(got_b)}, but the base layer is "
-                f"[{out_features}, {in_features}] (out, in) with r={self.r}, which needs lora_A {list(want_a)}, "
-                f"lora_B {list(want_b)}")
+                f"[{out_features}, {in_features}] (out, in){experts} with r={self.r}, which needs lora_A "
+                f"{list(want_a)}, lora_B {list(want_b)}")
 
     def low_rank(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The update of a base weight of ``shape`` as ΔW = B' @ A' (A' [k, in], B' [out, k], fp32, scaling
         folded into B'): what an A/B-only format such as llama.cpp's LoRA GGUF can hold."""
+        if self.parameter is not None:
+            raise LorafitError(f"{self.parameter.path} is an MoE expert parameter: an A/B-only file format cannot "
+                               "hold per-expert updates; export the full model instead")
         if self.magnitude is not None:
             raise LorafitError("a DoRA adapter rescales each output row of W + ΔW by a learned magnitude, which is "
                                "not a low-rank update W + B·A: llama.cpp's --lora cannot apply it. Export the full "
@@ -220,6 +228,10 @@ def write_adapter_content(folder: Path, content: AdapterContent) -> None:
 def adapter_config(modules: dict[str, AdapterLayer], base_model_name: str | None) -> dict[str, Any]:
     """The variant's PEFT config fields plus those every PEFT adapter has."""
     variant = type(next(iter(modules.values())))
+    # rank/alpha patterns and target_parameters name an expert parameter by its path, as PEFT matches them.
+    named = {target_path(name, module): module for name, module in modules.items()}
+    parameters = sorted(name for name, module in named.items() if isinstance(module, ParamLoRA))
+    linear = sorted(name for name, module in modules.items() if not isinstance(module, ParamLoRA))
     return {
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name,
@@ -227,14 +239,15 @@ def adapter_config(modules: dict[str, AdapterLayer], base_model_name: str | None
         "inference_mode": True,
         # Full module paths: exact for any targeting rule (suffixes, regex, layer subsets), and what
         # PEFT itself writes for all-linear. PEFT matches list entries by dotted suffix.
-        "target_modules": sorted(modules),
+        "target_modules": linear or None,
+        **({"target_parameters": parameters} if parameters else {}),  # MoE experts (lorafit/experts.py)
         # What lorafit never trains (biases, extra modules) and the weight layout it always uses.
         "bias": "none",
         "fan_in_fan_out": any(module.fan_in_fan_out for module in modules.values()),  # Conv1D bases (GPT-2)
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        **variant.peft_config(modules),
+        **variant.peft_config(named),
     }
 
 
@@ -245,16 +258,22 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     """
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
-    per_module = read_adapter(adapter_dir)
     if lora_modules(model):
         raise LorafitError("this model already carries LoRA layers; load the adapter into a fresh base model")
+    per_module = read_adapter(adapter_dir, model)
     _check_fit(model, per_module, adapter_dir)
     dropout = float(config.get("lora_dropout", config.get("vera_dropout")) or 0.0)
-    wrapped = {}
+    # Expert parameters first, in the order their modules register them: the order their wrappers nest in.
+    experts = [name for name, found in per_module.items() if getattr(found, "parameter", None) is not None]
+    for name in sorted(experts, key=list(_saved_parameter_paths(model, config)).index):
+        found = per_module[name]
+        wrap_parameter(model, found.parameter, **found.layer_kwargs(0.0))
     for name, found in per_module.items():
-        module = wrap_module(model, name, found.variant, **found.layer_kwargs(dropout))
-        found.copy_into(module)
-        wrapped[name] = module
+        if name not in experts:
+            wrap_module(model, name, found.variant, **found.layer_kwargs(dropout))
+    wrapped = lora_modules(model)
+    for name, found in per_module.items():
+        found.copy_into(wrapped[name])
     if trainable:
         set_trainable(model)
     else:
@@ -262,13 +281,28 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     return wrapped
 
 
-def read_adapter(adapter_dir: str | Path) -> dict[str, SavedUpdate]:
-    """Module path -> its saved update, from an adapter folder (lorafit's or PEFT's), without a model."""
+def read_adapter(adapter_dir: str | Path, model: nn.Module | None = None) -> dict[str, SavedUpdate]:
+    """Module path -> its saved update, from an adapter folder (lorafit's or PEFT's). Without a model, except for
+    adapters of MoE expert parameters: which parameter a saved path updates depends on the model's layout."""
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
-    groupers = {"VERA": _group_vera_tensors, "ADALORA": _group_adalora_tensors}
-    group = groupers.get(config.get("peft_type"), _group_tensors)
-    return group(_read_weights(adapter_dir), config, adapter_dir)
+    tensors = _read_weights(adapter_dir)
+    if config.get("peft_type") == "VERA":
+        return _group_vera_tensors(tensors, config, adapter_dir)
+    if config.get("peft_type") == "ADALORA":
+        return _group_adalora_tensors(tensors, config, adapter_dir)
+    if config.get("target_parameters") and model is None:
+        raise LorafitError(f"{adapter_dir}: this adapter updates MoE expert parameters (target_parameters in "
+                           f"{CONFIG_NAME}); lorafit reads it together with its base model (merge, eval, generate "
+                           "do), not on its own")
+    return _group_tensors(tensors, config, adapter_dir, _saved_parameter_paths(model, config))
+
+
+def _saved_parameter_paths(model: nn.Module | None, config: dict[str, Any]) -> dict[str, ParamTarget]:
+    """PEFT's saved path of each expert parameter the config targets (none without target_parameters)."""
+    if model is None or not config.get("target_parameters"):
+        return {}
+    return saved_paths(named_in_config(model, config["target_parameters"]))
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
@@ -346,9 +380,11 @@ def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _group_tensors(
-    tensors: dict[str, torch.Tensor], config: dict[str, Any], adapter_dir: Path
+    tensors: dict[str, torch.Tensor], config: dict[str, Any], adapter_dir: Path,
+    parameters: dict[str, ParamTarget],
 ) -> dict[str, SavedUpdate]:
-    """``base_model.model.<path>.lora_A.weight`` keys -> per-module A, B, r and alpha."""
+    """``base_model.model.<path>.lora_A.weight`` keys -> per-module A, B, r and alpha. An expert parameter's
+    (``parameters``: saved path -> parameter) rank and alpha follow the patterns by the parameter's path."""
     known = (*_PARTS, MAGNITUDE) if config.get("use_dora", False) else _PARTS  # every module has exactly these
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -367,12 +403,17 @@ def _group_tensors(
             raise LorafitError(
                 f"{adapter_dir / WEIGHTS_NAME}: module {name} has {sorted(pair)} but needs {list(known)}"
             )
-        rank = int(pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8)))
-        if pair["lora_A.weight"].ndim != 2 or pair["lora_B.weight"].shape[1:] != (rank,) \
-                or pair["lora_A.weight"].shape[0] != rank:
+        parameter = parameters.get(name)
+        config_name = parameter.path if parameter else name
+        rank = int(pattern_value(config.get("rank_pattern") or {}, config_name, config.get("r", 8)))
+        experts = parameter.layout.experts if parameter else 1
+        if pair["lora_A.weight"].ndim != 2 or pair["lora_B.weight"].shape[1:] != (rank * experts,) \
+                or pair["lora_A.weight"].shape[0] != rank * experts:
+            per_expert = f" for each of {experts} experts" if experts > 1 else ""
             raise LorafitError(
                 f"{adapter_dir / WEIGHTS_NAME}: module {name} has lora_A {list(pair['lora_A.weight'].shape)} and "
-                f"lora_B {list(pair['lora_B.weight'].shape)}, which do not agree with r={rank} from {CONFIG_NAME}"
+                f"lora_B {list(pair['lora_B.weight'].shape)}, which do not agree with r={rank}{per_expert} from "
+                f"{CONFIG_NAME}"
             )
         magnitude = pair.get(MAGNITUDE)
         if magnitude is not None and tuple(magnitude.shape) != (pair["lora_B.weight"].shape[0],):
@@ -383,9 +424,11 @@ def _group_tensors(
             pair["lora_A.weight"],
             pair["lora_B.weight"],
             r=rank,
-            alpha=float(pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))),
+            alpha=float(pattern_value(config.get("alpha_pattern") or {}, config_name, config.get("lora_alpha", 8))),
             use_rslora=bool(config.get("use_rslora", False)),
             magnitude=magnitude,
+            parameter=parameter,
+            experts=experts,
         )
     return grouped
 
@@ -459,6 +502,11 @@ def _group_adalora_tensors(tensors: dict[str, torch.Tensor], config: dict[str, A
 def _check_fit(model: nn.Module, per_module: dict[str, SavedUpdate], adapter_dir: Path) -> None:
     problems = []
     for name, found in per_module.items():
+        if getattr(found, "parameter", None) is not None:  # found in the model by its saved path already
+            layout = found.parameter.layout
+            if problem := found.misfit(layout.out_features, layout.in_features):
+                problems.append(f"parameter {found.parameter.path}: {problem}")
+            continue
         try:
             base = model.get_submodule(name)
         except AttributeError:

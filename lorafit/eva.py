@@ -29,7 +29,8 @@ from torch import nn
 from lorafit.config import LoRAConfig
 from lorafit.data import IGNORE_INDEX
 from lorafit.errors import LorafitError
-from lorafit.inject import find_targets, target_settings
+from lorafit.experts import param_targets
+from lorafit.inject import check_parameter_settings, find_targets, target_settings
 from lorafit.lora import layer_shape
 
 PCA_SEED = 42  # torch.svd_lowrank draws a random test matrix; fixed as PEFT fixes it
@@ -142,6 +143,9 @@ def allocate_ranks(model: nn.Module, lora: LoRAConfig, batch_at: Callable[[int],
                    ) -> RankAllocation:
     """The recipe's ``lora.rank_allocation`` run over its targets, before any layer is wrapped."""
     targets = find_targets(model, lora.target_modules, lora.layers)
+    params = [t.path for t in param_targets(model) if t.path in targets]
+    if params:
+        check_parameter_settings(lora, params[0], eva=True)
     ranks = {name: r for name, (r, _) in target_settings(lora, targets).items()}
     settings = lora.rank_allocation
     return allocate_eva(model, targets, ranks, batch_at, settings.rho, settings.tau, settings.max_batches)

@@ -1,4 +1,5 @@
-"""Find the linear layers a recipe targets, wrap them in LoRALinear, and freeze everything else."""
+"""Find the linear layers (and MoE expert parameters) a recipe targets, wrap them in adapter layers, and freeze
+everything else."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lorafit.adalora import AdaLoRALinear, AdaLoRASettings
 from lorafit.config import AdaLoRAConfig, LoRAConfig, RegexTarget, TargetModules, VeRAConfig
 from lorafit.dora import DoRALinear
 from lorafit.errors import LorafitError
+from lorafit.experts import FUSED_PAIRS, ParamLoRA, ParamTarget, param_targets, target_path, wrap_parameter
 from lorafit.lora import AdapterLayer, LoRALinear, TrainingHooks, is_conv1d
 from lorafit.vera import VeRALinear, projections_for
 
@@ -61,9 +63,18 @@ def layer_index(module_name: str) -> int | None:
 
 
 def find_targets(model: nn.Module, target_modules: TargetModules, layers: list[int] | None = None) -> list[str]:
-    """Full module paths to wrap, in model order. Raises with the available names when nothing matches."""
-    candidates = linear_module_names(model)
-    matched = [name for name in candidates if _matches(name, target_modules)]
+    """Module paths (and MoE parameter paths, lorafit/experts.py) to adapt, linear layers first, each in model
+    order. Raises with the available names when nothing matches.
+
+    all-linear takes every linear layer but the output head and every fused expert parameter — not the routers
+    (a LoRA on the router shifts which experts tokens reach; name ``gate`` to adapt it). Names and regexes also
+    match a router by its module path (``gate``) or weight (``gate.weight``)."""
+    params = param_targets(model)
+    candidates = linear_module_names(model) + [t.path for t in params]
+    routers = {t.path: t.module for t in params if t.router}
+    matched = [name for name in candidates
+               if (target_modules != "all-linear" or name not in routers)
+               and (_matches(name, target_modules) or (name in routers and _matches(routers[name], target_modules)))]
     if layers is not None:
         present = {i for i in map(layer_index, candidates) if i is not None}
         missing = sorted(set(layers) - present)
@@ -85,10 +96,16 @@ def inject_lora(model: nn.Module, lora: LoRAConfig, allocation: RankAllocation |
     """
     targets = find_targets(model, lora.target_modules, lora.layers)
     check_patterns_used(lora, targets)
+    params = {t.path: t for t in param_targets(model) if t.path in targets}
+    if params:
+        check_parameter_settings(lora, next(iter(params)), allocation is not None)
     if lora.variant in ("vera", "adalora"):
         (_inject_vera if lora.variant == "vera" else _inject_adalora)(model, lora, targets)
         return injection_report(model)
-    for name, (r, alpha) in target_settings(lora, targets).items():
+    for name, (r, alpha) in target_settings(lora, targets, params).items():
+        if name in params:
+            wrap_parameter(model, params[name], r=r, alpha=alpha, init=lora.init, use_rslora=lora.use_rslora)
+            continue
         if allocation is not None:
             r, alpha = allocation.settings(name, r, alpha, lora.use_rslora)
             if r == 0:
@@ -123,10 +140,27 @@ def _inject_adalora(model: nn.Module, lora: LoRAConfig, targets: list[str]) -> N
     set_trainable(model)
 
 
-def target_settings(lora: LoRAConfig, targets: list[str]) -> dict[str, tuple[int, float]]:
-    """Module path -> (r, alpha) as the recipe gives them: lora.r / lora.alpha unless a pattern says otherwise."""
-    return {name: (pattern_value(lora.rank_pattern, name, lora.r), pattern_value(lora.alpha_pattern, name, lora.alpha))
-            for name in targets}
+def target_settings(lora: LoRAConfig, targets: list[str],
+                    params: dict[str, ParamTarget] | None = None) -> dict[str, tuple[int, float]]:
+    """Target -> (r, alpha) as the recipe gives them: lora.r / lora.alpha unless a pattern says otherwise; a fused
+    expert pair (gate_up_proj) twice both, which is r and alpha for each of its two projections."""
+    settings = {}
+    for name in targets:
+        fused = FUSED_PAIRS.get(params[name].name, 1) if params and name in params else 1
+        settings[name] = (pattern_value(lora.rank_pattern, name, lora.r * fused),
+                          pattern_value(lora.alpha_pattern, name, lora.alpha * fused))
+    return settings
+
+
+def check_parameter_settings(lora: LoRAConfig, example: str, eva: bool) -> None:
+    """What LoRA on an expert parameter cannot do (as in PEFT): another variant, dropout, EVA's initialisation."""
+    problem = (f"lora.variant {lora.variant!r}" if lora.variant != "lora" else
+               f"lora.dropout {lora.dropout}" if lora.dropout else "lora.rank_allocation (EVA)" if eva else None)
+    if problem:
+        raise LorafitError(f"{problem} does not apply to MoE expert parameters such as {example} (their update is "
+                           "added to the weight, per expert: plain LoRA without dropout only). Use variant lora with "
+                           "dropout 0, or target only the linear layers, e.g. lora.target_modules: [q_proj, k_proj, "
+                           "v_proj, o_proj]")
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -160,10 +194,13 @@ def wrap_module(model: nn.Module, name: str, variant: str = "lora", **lora_kwarg
     return wrapped
 
 
-def remove_lora(model: nn.Module) -> None:
-    """Put every wrapped layer's original ``base_layer`` back (unmerging first), leaving the plain base."""
-    for name, module in lora_modules(model).items():
-        module.unmerge()
+def remove_lora(model: nn.Module, unmerge: bool = True) -> None:
+    """Put every wrapped layer's original ``base_layer`` back (unmerging first, unless merged weights are what
+    is wanted), leaving the plain base. Innermost first: nested wrappers (two parameters of one experts module)
+    unwrap from the inside out."""
+    for name, module in reversed(lora_modules(model).items()):
+        if unmerge:
+            module.unmerge()
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, module.base_layer)
@@ -200,7 +237,7 @@ def injection_report(model: nn.Module) -> InjectionReport:
     wrapped = lora_modules(model)
     report = InjectionReport(modules=list(wrapped))
     for name, module in wrapped.items():
-        kind = name.rsplit(".", 1)[-1]
+        kind = target_path(name, module).removesuffix(".weight").rsplit(".", 1)[-1]  # q_proj, gate_up_proj, gate
         report.kinds[kind] += 1
         report.kind_params[kind] += sum(p.numel() for p in module.adapter_params().values())
         report.kind_settings.setdefault(kind, set()).add((module.r, module.alpha))

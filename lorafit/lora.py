@@ -111,16 +111,25 @@ class AdapterLayer(nn.Module):
         # transformers' Conv1D (GPT-2) stores its weight [in, out] and computes x·W + b: PEFT's fan_in_fan_out.
         # The update is the same [out, in] B·A either way; only merging sees the layout (_float_base_weight).
         self.fan_in_fan_out = is_conv1d(base_layer)
-        self.out_features, self.in_features = layer_shape(base_layer)
+        self.out_features, self.in_features = self._base_shape(base_layer)
         # No dropout module at all when p == 0: nn.Identity costs nothing, nn.Dropout(0) still copies.
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+
+    def _base_shape(self, base_layer: nn.Module) -> tuple[int, int]:
+        """(out, in) of the weight this adapter updates (lorafit/experts.py: of one expert's weight)."""
+        return layer_shape(base_layer)
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The weight this adapter updates, as stored (a quantized base: its packed storage)."""
+        return self.base_layer.weight
 
     @property
     def adapter_dtype(self) -> torch.dtype:
         """Adapter weights live in the base weight's dtype when that is a float type; a quantized base
         (int8 / packed 4-bit storage) gets fp32 adapters, cast per call in forward()."""
-        dtype = self.base_layer.weight.dtype
+        dtype = self.base_weight.dtype
         return dtype if dtype.is_floating_point else torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +200,7 @@ class AdapterLayer(nn.Module):
 
     def _float_base_weight(self) -> torch.Tensor:
         """The base weight as [out, in] (for Conv1D a transposed view: writes go through to the weight)."""
-        weight = self.base_layer.weight
+        weight = self.base_weight
         if not weight.dtype.is_floating_point:
             raise TypeError(
                 f"cannot merge an adapter into a {weight.dtype} (quantized) base weight: merge into the "
@@ -209,6 +218,8 @@ class LoRALinear(AdapterLayer):
     B starts at zero, so a freshly wrapped model computes exactly what the base model computes.
     """
 
+    num_experts = 1  # lorafit/experts.py: one (A, B) pair per expert, stacked along the rank dimension
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -225,9 +236,10 @@ class LoRALinear(AdapterLayer):
         self.alpha = alpha
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
-        device, dtype = base_layer.weight.device, self.adapter_dtype
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        device, dtype = self.base_weight.device, self.adapter_dtype
+        rows = r * self.num_experts
+        self.lora_A = nn.Linear(self.in_features, rows, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rows, self.out_features, bias=False, device=device, dtype=dtype)
         self.reset_lora_parameters(init)
 
     def reset_lora_parameters(self, init: InitKind = "kaiming") -> None:

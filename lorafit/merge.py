@@ -71,6 +71,8 @@ def _merge_locked(base: str, adapter_dir: Path, out: Path, dtype: str, shard_byt
         raise LorafitError(f"OUT {out} is a file; give a folder path for the merged model")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LorafitError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another OUT")
+    if read_adapter_config(adapter_dir).get("target_parameters"):
+        return _merge_loaded(base, adapter_dir, out, dtype, shard_bytes, verify, trust_remote_code)
     updates, folder, weight_files, transposed = adapter_and_base(base, adapter_dir, out)
     refuse_remote_code(folder, base, trust_remote_code)
 
@@ -92,6 +94,46 @@ def _merge_locked(base: str, adapter_dir: Path, out: Path, dtype: str, shard_byt
         diff, floor = (verify_merge(tmp, base, adapter_dir, target_dtype, trust_remote_code) if verify
                        else (None, None))
     return MergeResult(out, shards, len(updates), diff, floor)
+
+
+def _merge_loaded(base: str, adapter_dir: Path, out: Path, dtype: str, shard_bytes: int, verify: bool,
+                  trust_remote_code: bool) -> MergeResult:
+    """Merge through a loaded model, for adapters of MoE expert parameters: transformers stores those experts
+    per expert on disk (``experts.0.w1.weight``, ...) and fuses them on load, so the fused parameters exist only
+    in the model, and saving splits them again. Peak memory: the whole model, in its checkpoint dtype (fp32
+    when merging to float32); each update is still added in fp32 and checked before anything is written."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.adapter_io import load_adapter
+    from lorafit.inject import lora_modules, remove_lora
+
+    folder = base_folder(base)
+    refuse_overlap(out, "OUT", {"the base model's files": folder})
+    refuse_remote_code(folder, base, trust_remote_code)
+    target_dtype = DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32 if dtype == "float32" else "auto",
+                                                 trust_remote_code=trust_remote_code)
+    modules = load_adapter(model, adapter_dir)
+    for name, module in modules.items():
+        try:
+            module.merge()
+        except ValueError as err:
+            raise LorafitError(f"merging {adapter_dir} into {name} gives non-finite weights ({err}); nothing was "
+                               "written. Check the adapter with lorafit eval") from None
+    adapted = [module.base_weight for module in lora_modules(model).values()]
+    remove_lora(model, unmerge=False)
+    model.to(target_dtype)
+    if not all(torch.isfinite(weight).all() for weight in adapted):
+        raise LorafitError(f"merging {adapter_dir} gives weights that overflow {dtype}; nothing was written. Merge "
+                           "with --dtype float32")
+    with atomic_dir(out, "the merged model") as tmp:
+        model.save_pretrained(tmp, max_shard_size=shard_bytes)
+        del model
+        copy_model_files(folder, tmp, dtype)
+        diff, floor = (verify_merge(tmp, base, adapter_dir, target_dtype, trust_remote_code) if verify
+                       else (None, None))
+        shards = len(list(tmp.glob("*.safetensors")))
+    return MergeResult(out, shards, len(modules), diff, floor)
 
 
 def adapter_and_base(base: str, adapter_dir: Path,
