@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from lorafit.errors import LorafitError
 from lorafit.files import local_paths, refuse_overlap, write_failure, write_text_atomic
-from lorafit.merge import adapter_and_base, merged_or_refused
+from lorafit.merge import adapter_and_base, base_folder, merged_or_refused
 
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")  # --dtype choices: GGML types F32, F16, BF16, Q8_0
 ARCHITECTURES = ("llama",)  # HF model_type values written as gguf's MODEL_ARCH.LLAMA
@@ -139,8 +139,8 @@ def export_gguf(base: str, adapter_dir: str | Path, out: str | Path, kind: str =
     for path in (out, modelfile) if not adapter_only else (out,):
         if path.exists() and not overwrite:
             raise LorafitError(f"{path} exists; pass --overwrite to replace it, or choose another OUT")
-    updates, folder, weight_files, _ = adapter_and_base(base, adapter_dir, out)  # Conv1D models: refused next
-    config = _config(folder)
+    config = _config(base_folder(base))  # the architecture first: Llama family only (no Conv1D, no MoE)
+    updates, folder, weight_files, _ = adapter_and_base(base, adapter_dir, out)
     if adapter_only:
         return _export_adapter(updates, weight_files, config, adapter_dir, out, kind)
     tokenizer = _tokenizer(folder)

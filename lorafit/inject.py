@@ -37,6 +37,7 @@ class InjectionReport:
     kinds: Counter = field(default_factory=Counter)          # "q_proj" -> how many wrapped
     kind_params: Counter = field(default_factory=Counter)    # "q_proj" -> trainable params
     kind_settings: dict[str, set] = field(default_factory=dict)  # "q_proj" -> {(r, alpha), ...}
+    kind_experts: Counter = field(default_factory=Counter)  # "gate_up_proj" -> experts per parameter (MoE)
     trainable: int = 0
     total: int = 0
 
@@ -241,6 +242,8 @@ def injection_report(model: nn.Module) -> InjectionReport:
         report.kinds[kind] += 1
         report.kind_params[kind] += sum(p.numel() for p in module.adapter_params().values())
         report.kind_settings.setdefault(kind, set()).add((module.r, module.alpha))
+        if isinstance(module, ParamLoRA) and module.num_experts > 1:
+            report.kind_experts[kind] = module.num_experts
     report.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total = sum(p.numel() for p in model.parameters())
     return report

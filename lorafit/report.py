@@ -89,6 +89,8 @@ def targeting_table(report: InjectionReport) -> Table:
     for kind, count in report.kinds.items():
         settings = report.kind_settings.get(kind, set())
         ranks = _values({r for r, _ in settings})
+        if report.kind_experts[kind]:  # MoE: a rank-r update for each expert
+            ranks = f"{ranks} x {report.kind_experts[kind]} experts"
         alphas = _values({a for _, a in settings})
         table.add_row(kind, str(count), ranks, alphas, f"{report.kind_params[kind]:,}")
     table.add_section()

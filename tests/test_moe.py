@@ -169,5 +169,26 @@ def test_an_expert_adapter_is_read_with_its_base(tmp_path):
     with pytest.raises(LorafitError, match="updates MoE expert parameters"):
         read_adapter(tmp_path / "adapter")
     other = MixtralForCausalLM(MixtralConfig(intermediate_size=48, num_local_experts=4, **SMALL))
-    with pytest.raises(LorafitError, match=r"(?s)does not fit this base model.*experts.down_proj: adapter has lora_A \[16, 64\]"):
+    misfit = r"(?s)does not fit this base model.*experts.down_proj: adapter has lora_A \[16, 64\]"
+    with pytest.raises(LorafitError, match=misfit):
         load_adapter(other, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("kind", ["mixtral"])
+def test_plan_shows_experts_times_rank(tmp_path, moe_dir):
+    from typer.testing import CliRunner
+
+    from lorafit.cli import app
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    recipe = write_recipe(tmp_path / "plan.yaml", f"""\
+model: {{base: {moe_dir}, dtype: float32}}
+lora: {{r: 4, alpha: 8}}
+data: {{train: {tmp_path / 'train.jsonl'}, max_seq_len: 48}}
+output: {{dir: {tmp_path / 'out'}}}
+""")
+    result = CliRunner().invoke(app, ["plan", str(recipe)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 4}
+    assert "8 x 4 experts" in rows["gate_up_proj"] and "4 x 4 experts" in rows["down_proj"]
+    assert "gate" not in rows  # the router stays frozen under all-linear
