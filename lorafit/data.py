@@ -12,16 +12,18 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lorafit.config import DataConfig
 from lorafit.errors import LorafitError
+from lorafit.examples import IGNORE_INDEX, Examples
 
-IGNORE_INDEX = -100
 Segments = list[tuple[str, bool]]
 
 
@@ -29,7 +31,7 @@ Segments = list[tuple[str, bool]]
 class TokenizedData:
     """Tokenized examples plus what happened on the way, for the run summary."""
 
-    examples: list[dict[str, list[int]]]  # each: input_ids, labels (same length)
+    examples: Examples  # each: input_ids, labels (same length); Arrow-backed (lorafit/examples.py)
     source: str
     rows: int
     truncated: int = 0
@@ -37,48 +39,70 @@ class TokenizedData:
 
     @property
     def trained_tokens(self) -> int:
-        return sum(sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in self.examples)
+        return self.examples.trained_tokens()
+
+
+@dataclass
+class TokenizedChunk:
+    """Some consecutive rows tokenized: the examples kept and what happened to the others."""
+
+    input_ids: list[list[int]] = field(default_factory=list)
+    labels: list[list[int]] = field(default_factory=list)
+    rows: int = 0
+    truncated: int = 0
+    skipped: int = 0
 
 
 def load_rows(source: str) -> list[dict[str, Any]]:
-    """Rows of a local file (jsonl/json/csv/txt/parquet) or of a hub dataset's train split, as dicts.
+    """Every row of a local file (jsonl/json/csv/txt/parquet) or of a hub dataset's train split, as dicts."""
+    return [row for _, row in iter_rows(source)]
+
+
+def iter_rows(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) for each row of ``source``, read lazily: "file:line" (for errors) and the row as a dict.
     Text files may start with a UTF-8 byte-order mark (Excel writes one); it is not part of the first field.
 
     Text formats are parsed here, not by ``datasets``: its JSON/CSV readers infer column types, and
     would turn a completion like "2021-03-03" into a timestamp. Parsing ourselves also gives exact
     line numbers in errors. Parquet files (already typed) and hub datasets go through ``datasets``.
+    A JSON file (one list) is read whole; the other formats one row at a time.
     """
     suffix = Path(source).suffix
     try:
         if suffix == ".jsonl":
-            return _read_jsonl(Path(source))
-        if suffix == ".json":
-            return _read_json(Path(source))
-        if suffix == ".csv":
+            yield from _read_jsonl(Path(source))
+        elif suffix == ".json":
+            yield from ((row_location(source, i), row) for i, row in enumerate(_read_json(Path(source))))
+        elif suffix == ".csv":
             with open(source, newline="", encoding="utf-8-sig") as f:
-                return list(csv.DictReader(f))
-        if suffix == ".txt":
-            lines = Path(source).read_text(encoding="utf-8-sig").splitlines()
-            return [{"text": line} for line in lines if line.strip()]
+                yield from ((row_location(source, i), row) for i, row in enumerate(csv.DictReader(f)))
+        elif suffix == ".txt":
+            with open(source, encoding="utf-8-sig") as f:
+                yield from ((f"{source}:{n}", {"text": line.rstrip("\r\n")})
+                            for n, line in enumerate(f, start=1) if line.strip())
+        else:
+            dataset = load_with_datasets(source, parquet=suffix == ".parquet")
+            for start in range(0, len(dataset), 1000):
+                rows = dataset[start : start + 1000]
+                yield from ((row_location(source, start + i), dict(zip(rows, values, strict=True)))
+                            for i, values in enumerate(zip(*rows.values(), strict=True)))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise LorafitError(f"{source}: could not be read ({err})") from None
-    return _load_with_datasets(source, parquet=suffix == ".parquet")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            message = f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object"
-            raise LorafitError(message) from None
-        if not isinstance(row, dict):
-            raise LorafitError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                message = f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object"
+                raise LorafitError(message) from None
+            if not isinstance(row, dict):
+                raise LorafitError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            yield f"{path}:{number}", row
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
@@ -92,20 +116,19 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _load_with_datasets(source: str, parquet: bool) -> list[dict[str, Any]]:
+def load_with_datasets(source: str, parquet: bool):
+    """A parquet file or a hub dataset's train split (Arrow-backed, memory-mapped by ``datasets``)."""
     import datasets
 
     datasets.disable_progress_bars()
     try:
         if parquet:
-            dataset = datasets.load_dataset("parquet", data_files=source, split="train")
-        else:
-            dataset = datasets.load_dataset(source, split="train")
+            return datasets.load_dataset("parquet", data_files=source, split="train")
+        return datasets.load_dataset(source, split="train")
     except Exception as err:  # datasets raises many types; all mean "this source cannot be read"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = "" if parquet else " (not a local file, so it was tried as a hub dataset, which needs network)"
         raise LorafitError(f"data: {source!r} could not be loaded{where}: {first}") from None
-    return dataset.to_list()
 
 
 def row_location(source: str, index: int) -> str:
@@ -191,43 +214,71 @@ def generation_example(row: dict[str, Any], data_format: str, tokenizer, where: 
 
 
 def tokenize_segments(segments: Segments, tokenizer, train_on_inputs: bool, bos_id: int | None) -> dict[str, list[int]]:
+    """One example's input_ids and labels (the reference form of what ``tokenize_chunk`` computes in batches)."""
+    return _join(segments, [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in segments if text],
+                 train_on_inputs, bos_id)
+
+
+def _join(segments: Segments, pieces: list[list[int]], train_on_inputs: bool,
+          bos_id: int | None) -> dict[str, list[int]]:
+    """Concatenate the token ids of each non-empty segment (``pieces``, in order); untrained ones get label -100."""
     input_ids: list[int] = [] if bos_id is None else [bos_id]
     labels: list[int] = [] if bos_id is None else [bos_id if train_on_inputs else IGNORE_INDEX]
-    for text, trained in segments:
-        if not text:
-            continue
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    texts = (trained for text, trained in segments if text)
+    for ids, trained in zip(pieces, texts, strict=True):
         input_ids += ids
         labels += ids if (trained or train_on_inputs) else [IGNORE_INDEX] * len(ids)
     return {"input_ids": input_ids, "labels": labels}
 
 
-def tokenize_rows(rows: list[dict[str, Any]], data: DataConfig, tokenizer, source: str) -> TokenizedData:
-    """Tokenize and mask every row; truncate at max_seq_len; skip rows with nothing trainable left."""
-    if not rows:
-        raise LorafitError(f"{source}: the dataset is empty; it needs at least one example")
-    bos_id = _bos_to_prepend(tokenizer) if data.format == "text" or not tokenizer.chat_template else None
-    result = TokenizedData(examples=[], source=source, rows=len(rows))
-    for number, row in enumerate(rows):
-        where = row_location(source, number)
-        example = tokenize_segments(example_segments(row, data.format, tokenizer, where), tokenizer,
-                                    data.train_on_inputs, bos_id)
+def bos_for(data: DataConfig, tokenizer) -> int | None:
+    """The BOS id every example starts with, if any (chat templates write their own)."""
+    return _bos_to_prepend(tokenizer) if data.format == "text" or not tokenizer.chat_template else None
+
+
+def tokenize_chunk(rows: list[tuple[str, dict[str, Any]]], data: DataConfig, tokenizer,
+                   bos_id: int | None) -> TokenizedChunk:
+    """Tokenize and mask ``(where, row)`` pairs; truncate at max_seq_len; skip rows with nothing trainable left.
+
+    Every segment of every row goes to the tokenizer in one batched call (a fast tokenizer's batch encodes
+    each text exactly as encoding it alone would): the per-call overhead is paid once per chunk, not per text.
+    """
+    segments = [example_segments(row, data.format, tokenizer, where) for where, row in rows]
+    texts = [text for row_segments in segments for text, _ in row_segments if text]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    chunk = TokenizedChunk(rows=len(rows))
+    for row_segments in segments:
+        pieces = [next(encoded) for text, _ in row_segments if text]
+        example = _join(row_segments, pieces, data.train_on_inputs, bos_id)
         if len(example["input_ids"]) > data.max_seq_len:
             example = {key: value[: data.max_seq_len] for key, value in example.items()}
-            result.truncated += 1
+            chunk.truncated += 1
         # Shifted by one inside the loss: label k is predicted from tokens < k, so label 0 never counts.
         if all(label == IGNORE_INDEX for label in example["labels"][1:]):
-            result.skipped += 1  # the prompt alone fills max_seq_len: nothing left to learn from
+            chunk.skipped += 1  # the prompt alone fills max_seq_len: nothing left to learn from
             continue
-        result.examples.append(example)
-    if not result.examples:
-        raise LorafitError(f"{source}: all {len(rows)} examples were skipped because their prompt alone reaches "
-                           f"data.max_seq_len={data.max_seq_len}; raise data.max_seq_len")
-    return result
+        chunk.input_ids.append(example["input_ids"])
+        chunk.labels.append(example["labels"])
+    return chunk
 
 
-def load_tokenized(source: str, data: DataConfig, tokenizer) -> TokenizedData:
-    return tokenize_rows(load_rows(source), data, tokenizer, source)
+def tokenize_rows(rows: list[dict[str, Any]], data: DataConfig, tokenizer, source: str) -> TokenizedData:
+    """Rows already in memory (``lorafit eval``, tests), tokenized in memory: no cache."""
+    chunk = tokenize_chunk([(row_location(source, i), row) for i, row in enumerate(rows)], data, tokenizer,
+                           bos_for(data, tokenizer))
+    examples = Examples.from_lists([{"input_ids": ids, "labels": labels}
+                                    for ids, labels in zip(chunk.input_ids, chunk.labels, strict=True)])
+    return checked(TokenizedData(examples, source, chunk.rows, chunk.truncated, chunk.skipped), data)
+
+
+def checked(tokenized: TokenizedData, data: DataConfig) -> TokenizedData:
+    """Refuse a dataset with nothing to train on: empty, or every example skipped."""
+    if not tokenized.rows:
+        raise LorafitError(f"{tokenized.source}: the dataset is empty; it needs at least one example")
+    if not len(tokenized.examples):
+        raise LorafitError(f"{tokenized.source}: all {tokenized.rows} examples were skipped because their prompt "
+                           f"alone reaches data.max_seq_len={data.max_seq_len}; raise data.max_seq_len")
+    return tokenized
 
 
 def split_validation(train: TokenizedData, fraction: float, seed: int) -> tuple[TokenizedData, TokenizedData]:
@@ -236,36 +287,12 @@ def split_validation(train: TokenizedData, fraction: float, seed: int) -> tuple[
     held = max(1, math.floor(count * fraction))
     if held >= count:
         raise LorafitError(f"data.val_fraction={fraction} leaves no training examples out of {count}")
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    keep, hold = sorted(order[held:]), sorted(order[:held])
-    pick = lambda indices: [train.examples[i] for i in indices]  # noqa: E731
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).numpy()
+    keep, hold = np.sort(order[held:]), np.sort(order[:held])
     return (
-        TokenizedData(pick(keep), train.source, len(keep), train.truncated, train.skipped),
-        TokenizedData(pick(hold), f"{train.source} (val_fraction {fraction})", len(hold)),
+        TokenizedData(train.examples.take(keep), train.source, len(keep), train.truncated, train.skipped),
+        TokenizedData(train.examples.take(hold), f"{train.source} (val_fraction {fraction})", len(hold)),
     )
-
-
-def pack(examples: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[str, list[int]]]:
-    """Greedily concatenate examples into rows of up to max_seq_len tokens, in order.
-
-    Each example restarts ``position_ids`` at 0; with no attention mask, transformers reads those resets
-    as sequence boundaries and builds a block-diagonal causal mask, so no example attends to another.
-    The first token of each example gets label -100: in the packed row it would otherwise be "predicted"
-    from the previous example's last token, a target the unpacked example never has.
-    """
-    rows: list[dict[str, list[int]]] = []
-    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for example in examples:
-        length = len(example["input_ids"])
-        if current["input_ids"] and len(current["input_ids"]) + length > max_seq_len:
-            rows.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += example["input_ids"]
-        current["labels"] += [IGNORE_INDEX] + example["labels"][1:]
-        current["position_ids"] += list(range(length))
-    if current["input_ids"]:
-        rows.append(current)
-    return rows
 
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -331,7 +358,7 @@ class Batches:
     see exactly the rows one process with an N-times larger micro-batch sees, in the same order.
     """
 
-    def __init__(self, rows: list[dict[str, list[int]]], micro_batch_size: int, seed: int, pad_id: int,
+    def __init__(self, rows: Sequence[dict[str, list[int]]], micro_batch_size: int, seed: int, pad_id: int,
                  rank: int = 0, world: int = 1):
         self.rows, self.micro, self.seed, self.pad_id = rows, micro_batch_size, seed, pad_id
         self.rank, self.world = rank, world
@@ -360,5 +387,5 @@ class Batches:
         epoch, index = divmod(position, self.per_epoch)
         if self._order is None or self._order[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = (epoch, torch.randperm(len(self.rows), generator=generator).tolist())
-        return [self.rows[i] for i in self._order[1][index * self.size : (index + 1) * self.size]]
+            self._order = (epoch, torch.randperm(len(self.rows), generator=generator))  # 8 bytes per row
+        return [self.rows[i] for i in self._order[1][index * self.size : (index + 1) * self.size].tolist()]

@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -71,6 +71,16 @@ def from_main(value: Any) -> Any:
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """The main process runs the block first (building a cache), then the others (finding it built)."""
+    if world_size() == 1:
+        yield
+        return
+    with process_state().main_process_first():
+        yield
 
 
 def gather_all(value: Any) -> list[Any]:

@@ -34,10 +34,20 @@ from lorafit.checkpoint import (
     truncate_metrics,
 )
 from lorafit.config import LoRAConfig, Recipe
-from lorafit.data import Batches, TokenizedData, load_tokenized, pack, split_validation
-from lorafit.distributed import any_across, from_main, full, gradient_sync, process_state, shard, sum_across
+from lorafit.data import Batches, TokenizedData, split_validation
+from lorafit.distributed import (
+    any_across,
+    from_main,
+    full,
+    gradient_sync,
+    main_process_first,
+    process_state,
+    shard,
+    sum_across,
+)
 from lorafit.errors import LorafitError
 from lorafit.eva import RankAllocation, allocate_ranks
+from lorafit.examples import PackedRows
 from lorafit.files import FolderLock
 from lorafit.inject import adapters_to_float32, inject_lora, lora_modules, training_hooks
 from lorafit.lora import TrainingHooks
@@ -55,6 +65,7 @@ from lorafit.report import (
     targeting_table,
 )
 from lorafit.schedule import make_scheduler
+from lorafit.token_cache import load_tokenized
 from lorafit.trackers import Trackers, check_installed, closing, flat_params
 
 
@@ -92,7 +103,7 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
 
     # Data first: a bad file must fail before anything lands in OUT or a model loads for nothing.
     tokenizer = load_tokenizer(recipe.model)
-    train_data, eval_data, batches = training_data(recipe, tokenizer, rank, world)
+    train_data, eval_data, batches = training_data(recipe, tokenizer, rank, world, console)
     report_data(console, train_data, eval_data)
     sharded = cfg.fsdp and world > 1
     parallelism = (f"{world} processes ({accelerator.distributed_type.value}, "
@@ -226,16 +237,18 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
     )
 
 
-def training_data(recipe: Recipe, tokenizer, rank: int = 0,
-                  world: int = 1) -> tuple[TokenizedData, TokenizedData | None, Batches]:
-    """The recipe's train and eval sets, tokenized, and the seeded micro-batch stream training reads (this
-    process's share of it, when there are ``world`` processes)."""
+def training_data(recipe: Recipe, tokenizer, rank: int = 0, world: int = 1,
+                  console: Console | None = None) -> tuple[TokenizedData, TokenizedData | None, Batches]:
+    """The recipe's train and eval sets, tokenized (from the cache after the first time: memory-mapped, see
+    lorafit/token_cache.py), and the seeded micro-batch stream training reads (this process's share of it,
+    when there are ``world`` processes)."""
     data = recipe.data
-    train_data = load_tokenized(data.train, data, tokenizer)
-    eval_data = load_tokenized(data.eval, data, tokenizer) if data.eval else None
+    with main_process_first():  # one process tokenizes; the others then read its cache entry
+        train_data = load_tokenized(data.train, data, tokenizer, console)
+        eval_data = load_tokenized(data.eval, data, tokenizer, console) if data.eval else None
     if data.val_fraction:
         train_data, eval_data = split_validation(train_data, data.val_fraction, recipe.train.seed)
-    rows = pack(train_data.examples, data.max_seq_len) if data.packing else train_data.examples
+    rows = PackedRows(train_data.examples, data.max_seq_len) if data.packing else train_data.examples
     batches = Batches(rows, recipe.train.micro_batch_size, recipe.train.seed, tokenizer.pad_token_id, rank, world)
     return train_data, eval_data, batches
 

@@ -94,11 +94,13 @@ def rows_for(config: str, compute: str, compile_rows: bool, checkpointing: bool)
 def batches(tokenizer, steps: int):
     """Fixed micro-batches: quickstart rows tokenized and masked by lorafit, packed to SEQ tokens."""
     from lorafit.config import DataConfig
-    from lorafit.data import collate, load_tokenized, pack
+    from lorafit.data import collate
+    from lorafit.examples import PackedRows
+    from lorafit.token_cache import load_tokenized
 
     data = load_tokenized(str(REPO / "configs/data/dates_train.jsonl"),
                           DataConfig(train="x.jsonl", max_seq_len=SEQ), tokenizer)
-    rows = pack(data.examples, SEQ)
+    rows = PackedRows(data.examples, SEQ)
     return [collate(rows[i * BATCH:(i + 1) * BATCH], tokenizer.pad_token_id) for i in range(steps)]
 
 

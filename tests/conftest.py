@@ -12,6 +12,26 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+
+def _test_cache() -> None:
+    """Runs in tests (and the processes they start) cache tokenized data in a folder of their own, deleted at
+    exit, while converted models (the slow part: SmolLM2 from GGUF) stay shared with the user's cache."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from lorafit.model import cache_dir
+
+    shared = cache_dir()
+    folder = Path(tempfile.mkdtemp(prefix="lorafit-test-cache-"))
+    (shared / "gguf").mkdir(parents=True, exist_ok=True)
+    (folder / "gguf").symlink_to(shared / "gguf")
+    os.environ["LORAFIT_CACHE"] = str(folder)
+    atexit.register(shutil.rmtree, folder, True)
+
+
+_test_cache()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402

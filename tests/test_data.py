@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from lorafit.config import DataConfig, LoRAConfig
-from lorafit.data import IGNORE_INDEX, collate, load_rows, load_tokenized, pack, tokenize_rows
+from lorafit.data import IGNORE_INDEX, collate, load_rows, tokenize_rows
 from lorafit.errors import LorafitError
+from lorafit.examples import PackedRows
 from lorafit.inject import inject_lora
 from lorafit.loss import token_loss_sum
+from lorafit.token_cache import load_tokenized
 
 from .conftest import tiny_model, tiny_tokenizer
 
@@ -118,7 +120,7 @@ def test_packing_loss_equals_unpacked_loss():
     pad = tokenizer.pad_token_id or 0
     with torch.no_grad():
         unpacked = sum(float(token_loss_sum(model, collate([ex], pad))) for ex in data.examples)
-        packed_rows = pack(data.examples, 128)
+        packed_rows = list(PackedRows(data.examples, 128))
         assert len(packed_rows) < len(data.examples)  # it really packed
         packed = float(token_loss_sum(model, collate(packed_rows, pad)))
         # attention leakage would change the later examples' losses by far more than this
