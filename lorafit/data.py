@@ -271,12 +271,16 @@ def tokenize_rows(rows: list[dict[str, Any]], data: DataConfig, tokenizer, sourc
     return checked(TokenizedData(examples, source, chunk.rows, chunk.truncated, chunk.skipped), data)
 
 
+class NothingToScore(LorafitError):
+    """Every example of a dataset was skipped (its prompt alone fills max_seq_len)."""
+
+
 def checked(tokenized: TokenizedData, data: DataConfig) -> TokenizedData:
     """Refuse a dataset with nothing to train on: empty, or every example skipped."""
     if not tokenized.rows:
         raise LorafitError(f"{tokenized.source}: the dataset is empty; it needs at least one example")
     if not len(tokenized.examples):
-        raise LorafitError(f"{tokenized.source}: all {tokenized.rows} examples were skipped because their prompt "
+        raise NothingToScore(f"{tokenized.source}: all {tokenized.rows} examples were skipped because their prompt "
                            f"alone reaches data.max_seq_len={data.max_seq_len}; raise data.max_seq_len")
     return tokenized
 

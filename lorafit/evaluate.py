@@ -14,12 +14,21 @@ import torch
 
 from lorafit.adapter_io import load_adapter
 from lorafit.config import DataConfig, ModelConfig, load_recipe
-from lorafit.data import TokenizedData, generation_example, load_rows, row_location, tokenize_rows
+from lorafit.data import (
+    NothingToScore,
+    TokenizedData,
+    generation_example,
+    iter_rows,
+    load_rows,
+    row_location,
+    tokenize_rows,
+)
 from lorafit.errors import LorafitError
 from lorafit.files import local_paths
 from lorafit.inject import remove_lora
 from lorafit.loss import evaluate_loss
 from lorafit.model import load_base_model, load_tokenizer
+from lorafit.token_cache import load_tokenized
 
 METRICS = ("loss", "exact_match")
 FORMATS = ("text", "alpaca", "chat", "prompt_completion")
@@ -107,17 +116,20 @@ def run_eval(plan: EvalPlan, limit: int | None = None, max_new_tokens: int = 32,
 
 def prepare_task(tokenizer, data_path: str, data_format: str, metrics: list[str], max_seq_len: int,
                  limit: int | None, micro_batch_size: int, max_new_tokens: int) -> EvalTask:
-    rows = load_rows(data_path)[:limit]
-    if not rows:
+    # Generation needs the rows themselves, and so does --limit; loss alone reads the tokenized cache.
+    rows = load_rows(data_path)[:limit] if limit or "exact_match" in metrics else None
+    if rows == [] or (rows is None and not next(iter_rows(data_path), None)):
         raise LorafitError(f"{data_path}: no rows to evaluate (the file holds no examples); give a data file with "
                            f"at least one {data_format} row")
     tokenized = prompts = references = None
     if "loss" in metrics:
         config = DataConfig(train=data_path, format=data_format, max_seq_len=max_seq_len)
-        tokenized = tokenize_rows(rows, config, tokenizer, data_path)
-        if not tokenized.examples:
-            raise LorafitError(f"{data_path}: none of its {len(rows)} rows has a token to score (all were skipped; "
-                               "see the data summary rules in the README); check the rows and --format")
+        try:
+            tokenized = (tokenize_rows(rows, config, tokenizer, data_path) if rows is not None
+                         else load_tokenized(data_path, config, tokenizer))
+        except NothingToScore:
+            raise LorafitError(f"{data_path}: none of its rows has a token to score (all were skipped; see the data "
+                               "summary rules in the README); check the rows and --format") from None
     if "exact_match" in metrics:
         pairs = [generation_example(row, data_format, tokenizer, row_location(data_path, i))
                  for i, row in enumerate(rows)]

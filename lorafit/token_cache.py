@@ -106,6 +106,8 @@ def build(folder: Path, source: str, data: DataConfig, tokenizer, console: Conso
     try:
         meta = _write_table(tmp / TABLE_NAME, source, data, tokenizer, console)
         (tmp / META_NAME).write_text(json.dumps({**meta, "source": source}, indent=2) + "\n")
+        if folder.exists() and not (folder / META_NAME).is_file():
+            shutil.rmtree(folder)  # not an entry a complete build made (damaged by hand): replaced
         try:
             tmp.rename(folder)
         except OSError:
