@@ -65,7 +65,7 @@ def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, recipe: Recipe, keep_last: int,
-                    main: bool = True, *, objective=None) -> Path:
+                    main: bool = True, *, objective=None, data_state: dict | None = None) -> Path:
     """OUT/checkpoints/step-NNNNNN: a loadable adapter plus the state to continue; written atomically.
 
     Every process calls this: each one's RNG state is gathered (dropout draws differ per process), and with
@@ -91,6 +91,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, re
             "scheduler": scheduler.state_dict(),
             "hooks": hooks.state_dict(),  # the variant's loop state (AdaLoRA), {} for most
             "rng_per_process": rng,  # [rank] -> that process's RNG states
+            "data": data_state or {},  # a stream's place in its source; {} when the step number says it all
         }
         buffer = io.BytesIO()  # the state is the adapter's size (optimizer moments), so it fits in memory
         torch.save(state, buffer)
@@ -125,7 +126,7 @@ def load_optimizer_state(objective, optimizer, state: dict, checkpoint: Path) ->
                              options=StateDictOptions(full_state_dict=True))
 
 
-def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler, hooks, *, objective=None) -> int:
+def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler, hooks, *, objective=None, data=None) -> int:
     path = checkpoint / STATE_NAME
     try:
         # weights_only: the state is tensors, numbers and lists, so nothing executable is unpickled (a
@@ -133,6 +134,8 @@ def restore_checkpoint(checkpoint: Path, model, optimizer, scheduler, hooks, *, 
         state = torch.load(path, weights_only=True)
         rng = _own_rng(state, checkpoint)  # first: a run of another process count cannot continue it at all
         hooks.load_state_dict(state.get("hooks", {}))  # first: AdaLoRA's masks decide what the adapter holds
+        if data is not None:
+            data.load_state_dict(state.get("data", {}), checkpoint)
         restore_adapter_weights(model, checkpoint)
         load_optimizer_state(objective, optimizer, state, checkpoint)
         scheduler.load_state_dict(state["scheduler"])

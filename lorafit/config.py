@@ -179,11 +179,16 @@ class DataConfig(_Section):
     max_seq_len: int = Field(512, ge=8)
     train_on_inputs: bool = False
     packing: bool = False
+    # Read data.train as a stream, in order, tokenizing as training goes (nothing cached, nothing held): for
+    # hub datasets larger than the disk. Needs train.max_steps; see the README for what a resume repeats.
+    streaming: bool = False
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:
         if self.eval is not None and self.val_fraction is not None:
             raise ValueError("set data.eval or data.val_fraction, not both")
+        if self.streaming and self.val_fraction is not None:
+            raise ValueError("data.val_fraction cannot hold out rows of a stream; give data.eval (a file) instead")
         return self
 
 
@@ -250,6 +255,16 @@ class Recipe(_Section):
             raise ValueError(f"train.compile does not support a quantized base (model.quantize: "
                              f"{self.model.quantize}): lorafit compiles full-precision layers only; "
                              "set train.compile: false")
+        return self
+
+    @model_validator(mode="after")
+    def _a_stream_has_no_length(self) -> Recipe:
+        if self.data.streaming and self.train.epochs is not None:
+            raise ValueError("data.streaming: a stream's length is unknown, so train.epochs cannot be counted; set "
+                             "train.max_steps instead")
+        if self.data.streaming and self.lora.rank_allocation is not None:
+            raise ValueError("lora.rank_allocation reads training batches before training, which a stream cannot "
+                             "replay; set data.streaming: false or remove lora.rank_allocation")
         return self
 
     @model_validator(mode="after")

@@ -48,6 +48,7 @@ class TokenizedChunk:
 
     input_ids: list[list[int]] = field(default_factory=list)
     labels: list[list[int]] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)  # which of the chunk's rows each example came from
     rows: int = 0
     truncated: int = 0
     skipped: int = 0
@@ -247,7 +248,7 @@ def tokenize_chunk(rows: list[tuple[str, dict[str, Any]]], data: DataConfig, tok
     texts = [text for row_segments in segments for text, _ in row_segments if text]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     chunk = TokenizedChunk(rows=len(rows))
-    for row_segments in segments:
+    for index, row_segments in enumerate(segments):
         pieces = [next(encoded) for text, _ in row_segments if text]
         example = _join(row_segments, pieces, data.train_on_inputs, bos_id)
         if len(example["input_ids"]) > data.max_seq_len:
@@ -259,6 +260,7 @@ def tokenize_chunk(rows: list[tuple[str, dict[str, Any]]], data: DataConfig, tok
             continue
         chunk.input_ids.append(example["input_ids"])
         chunk.labels.append(example["labels"])
+        chunk.kept.append(index)
     return chunk
 
 
@@ -369,6 +371,14 @@ class Batches:
         self.size = micro_batch_size * world  # rows in one global micro-batch
         self.per_epoch = math.ceil(len(rows) / self.size)
         self._order: tuple[int, list[int]] | None = None
+
+    def state_dict(self, position: int) -> dict:
+        """Nothing beyond the position (the step) is needed to continue: see the class docstring."""
+        return {}
+
+    def load_state_dict(self, state: dict, checkpoint: Path) -> None:
+        if state:
+            raise LorafitError(f"{checkpoint} was written by a run with data.streaming: true; resume with it")
 
     def get(self, position: int) -> tuple[dict[str, torch.Tensor], int]:
         """This process's share of the micro-batch at ``position`` and its number of real (non-padding) tokens.

@@ -37,7 +37,7 @@ class RunSummary:
     tokens_per_second: float
     peak_memory_bytes: int
     report: InjectionReport
-    train_data: TokenizedData
+    train_data: TokenizedData | None  # None: streamed
     eval_data: TokenizedData | None
     ranks: dict[str, int] | None = None  # final rank per module, when the run chose them (EVA, AdaLoRA)
     main_process: bool = True  # the process that wrote the files and shows the summary
@@ -246,7 +246,12 @@ def make_progress(console: Console, total: int, completed: int, world_size: int 
     return progress
 
 
-def report_data(console: Console, train_data: TokenizedData, eval_data: TokenizedData | None) -> None:
+def report_data(console: Console, train_data: TokenizedData | None, eval_data: TokenizedData | None,
+                source: str = "") -> None:
+    """How many examples and trained tokens each set has, and what truncating and skipping did (``train_data``
+    None: streamed, counted as it is read)."""
+    if train_data is None:
+        console.print(f"train: streamed from {source}, tokenized as training reads it", highlight=False)
     for name, data in (("train", train_data), ("eval", eval_data)):
         if data is None:
             continue

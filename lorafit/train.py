@@ -65,6 +65,7 @@ from lorafit.report import (
     targeting_table,
 )
 from lorafit.schedule import make_scheduler
+from lorafit.streaming import StreamBatches
 from lorafit.token_cache import load_tokenized
 from lorafit.trackers import Trackers, check_installed, closing, flat_params
 
@@ -104,7 +105,7 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
     # Data first: a bad file must fail before anything lands in OUT or a model loads for nothing.
     tokenizer = load_tokenizer(recipe.model)
     train_data, eval_data, batches = training_data(recipe, tokenizer, rank, world, console)
-    report_data(console, train_data, eval_data)
+    report_data(console, train_data, eval_data, recipe.data.train)
     sharded = cfg.fsdp and world > 1
     parallelism = (f"{world} processes ({accelerator.distributed_type.value}, "
                    f"{'FSDP: weights sharded' if sharded else 'DDP: a full copy each'}): micro-batch "
@@ -130,7 +131,7 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
         console.print(f"compiling {count} decoder layers: the first step (and the first eval) will be slow")
     console.print(targeting_table(report))
 
-    steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum)
+    steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum) if batches.per_epoch else None  # None: a stream
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     # The objective (model + loss) is what DDP or FSDP wraps, not the bare model: see loss.TokenLoss.
     objective = TokenLoss(model)
@@ -149,7 +150,8 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
 
     start_step = 0
     if checkpoint is not None:
-        start_step = restore_checkpoint(checkpoint, model, optimizer, scheduler, hooks, objective=objective)
+        start_step = restore_checkpoint(checkpoint, model, optimizer, scheduler, hooks, objective=objective,
+                                        data=batches)
         if main:
             truncate_metrics(out / "metrics.jsonl", start_step)
         console.print(f"resumed from {checkpoint} at step {start_step}")
@@ -194,7 +196,8 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
             # Ctrl-C (in any process): the previous step is complete, so checkpoint it and stop.
             if any_across(stop.requested, accelerator.device):
                 path = save_checkpoint(out, step - 1, model, optimizer, scheduler, hooks, recipe, cfg.keep_last,
-                                       main, objective=objective)
+                                       main, objective=objective,
+                                       data_state=batches.state_dict((step - 1) * cfg.grad_accum))
                 raise LorafitError(f"interrupted after step {step - 1}; checkpoint saved to {path}. "
                                    f"Continue with: lorafit train RECIPE --resume")
             # Step: forward/backward over grad_accum micro-batches, clip, optimizer and schedule.
@@ -204,7 +207,8 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
             done = done.plus(result)
             # Log: metrics.jsonl every log_every steps and at the end; the progress bar every step.
             if step % cfg.log_every == 0 or step == total_steps:
-                metrics.write({"event": "train", "step": step, **result.record(), "epoch": step / steps_per_epoch})
+                epoch = step / steps_per_epoch if steps_per_epoch else None
+                metrics.write({"event": "train", "step": step, **result.record(), "epoch": epoch})
             progress.update(progress.tasks[0].id, completed=step, loss=result.loss, lr=result.lr,
                             tps=result.tokens / result.seconds)
             # Evaluate: every eval_every steps and at the end.
@@ -215,8 +219,10 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
             # Save: every save_every steps (the end writes the final adapter instead).
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save_checkpoint(out, step, model, optimizer, scheduler, hooks, recipe, cfg.keep_last, main,
-                                objective=objective)
+                                objective=objective, data_state=batches.state_dict(step * cfg.grad_accum))
 
+    if isinstance(batches, StreamBatches):
+        console.print(batches.describe(), highlight=False)
     adapter_dir = out / "adapter"
     ranks = chosen_ranks(model, allocation)
     adapter = adapter_content(model, recipe.model.base)  # every process: gathered from the shards with FSDP
@@ -237,19 +243,23 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
     )
 
 
-def training_data(recipe: Recipe, tokenizer, rank: int = 0, world: int = 1,
-                  console: Console | None = None) -> tuple[TokenizedData, TokenizedData | None, Batches]:
+def training_data(recipe: Recipe, tokenizer, rank: int = 0, world: int = 1, console: Console | None = None
+                  ) -> tuple[TokenizedData | None, TokenizedData | None, Batches | StreamBatches]:
     """The recipe's train and eval sets, tokenized (from the cache after the first time: memory-mapped, see
     lorafit/token_cache.py), and the seeded micro-batch stream training reads (this process's share of it,
-    when there are ``world`` processes)."""
-    data = recipe.data
+    when there are ``world`` processes). With data.streaming the train set is read as training goes
+    (lorafit/streaming.py): no train TokenizedData then."""
+    data, cfg = recipe.data, recipe.train
     with main_process_first():  # one process tokenizes; the others then read its cache entry
-        train_data = load_tokenized(data.train, data, tokenizer, console)
+        train_data = None if data.streaming else load_tokenized(data.train, data, tokenizer, console)
         eval_data = load_tokenized(data.eval, data, tokenizer, console) if data.eval else None
+    if data.streaming:
+        return None, eval_data, StreamBatches(data.train, data, tokenizer, cfg.micro_batch_size,
+                                              tokenizer.pad_token_id, rank, world)
     if data.val_fraction:
-        train_data, eval_data = split_validation(train_data, data.val_fraction, recipe.train.seed)
+        train_data, eval_data = split_validation(train_data, data.val_fraction, cfg.seed)
     rows = PackedRows(train_data.examples, data.max_seq_len) if data.packing else train_data.examples
-    batches = Batches(rows, recipe.train.micro_batch_size, recipe.train.seed, tokenizer.pad_token_id, rank, world)
+    batches = Batches(rows, cfg.micro_batch_size, cfg.seed, tokenizer.pad_token_id, rank, world)
     return train_data, eval_data, batches
 
 
@@ -304,7 +314,7 @@ class StepResult:
                 "tokens_per_s": self.tokens / self.seconds}
 
 
-def train_step(objective, batches: Batches, step: int, cfg, accelerator, optimizer, scheduler, params,
+def train_step(objective, batches: Batches | StreamBatches, step: int, cfg, accelerator, optimizer, scheduler, params,
                hooks: TrainingHooks) -> StepResult:
     """Optimizer step number ``step`` (1-based): its micro-batches are positions (step-1)·grad_accum + k.
     Loss and tokens are those of the whole step over all processes."""
