@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -73,14 +73,23 @@ def from_main(value: Any) -> Any:
     return box[0]
 
 
-@contextlib.contextmanager
-def main_process_first() -> Iterator[None]:
-    """The main process runs the block first (building a cache), then the others (finding it built)."""
+def main_first(work: Callable[[], Any]) -> Any:
+    """``work()`` in the main process first (it builds a cache), then in the others (they find it built). A
+    user error in the main process reaches every process as the same error, instead of leaving the others
+    waiting for it."""
     if world_size() == 1:
-        yield
-        return
-    with process_state().main_process_first():
-        yield
+        return work()
+    main = torch.distributed.get_rank() == 0
+    result, problem = None, None
+    if main:
+        try:
+            result = work()
+        except LorafitError as err:
+            problem = str(err)
+    problem = from_main(problem)
+    if problem is not None:
+        raise LorafitError(problem)
+    return result if main else work()
 
 
 def gather_all(value: Any) -> list[Any]:

@@ -40,7 +40,7 @@ from lorafit.distributed import (
     from_main,
     full,
     gradient_sync,
-    main_process_first,
+    main_first,
     process_state,
     shard,
     sum_across,
@@ -250,9 +250,11 @@ def training_data(recipe: Recipe, tokenizer, rank: int = 0, world: int = 1, cons
     when there are ``world`` processes). With data.streaming the train set is read as training goes
     (lorafit/streaming.py): no train TokenizedData then."""
     data, cfg = recipe.data, recipe.train
-    with main_process_first():  # one process tokenizes; the others then read its cache entry
-        train_data = None if data.streaming else load_tokenized(data.train, data, tokenizer, console)
-        eval_data = load_tokenized(data.eval, data, tokenizer, console) if data.eval else None
+    def tokenized() -> tuple[TokenizedData | None, TokenizedData | None]:
+        return (None if data.streaming else load_tokenized(data.train, data, tokenizer, console),
+                load_tokenized(data.eval, data, tokenizer, console) if data.eval else None)
+
+    train_data, eval_data = main_first(tokenized)  # one process tokenizes; the others read its cache entry
     if data.streaming:
         return None, eval_data, StreamBatches(data.train, data, tokenizer, cfg.micro_batch_size,
                                               tokenizer.pad_token_id, rank, world)
