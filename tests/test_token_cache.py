@@ -141,3 +141,23 @@ def test_examples_views_slice_and_take():
     assert view.trained_tokens() == 3 and list(view.column("length")) == [2, 2, 2]
     with pytest.raises(IndexError):
         view[3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packing", [False, True])
+def test_cached_quickstart_batches_equal_in_memory_tokenization_with_smollm2(packing):
+    """As above, with the quickstart recipe's own tokenizer (SmolLM2's BPE and chat template) and settings."""
+    from lorafit.config import load_recipe
+    from lorafit.model import load_tokenizer
+
+    recipe = load_recipe(REPO / "configs" / "quickstart.yaml")
+    tokenizer = load_tokenizer(recipe.model)
+    data = recipe.data.model_copy(update={"packing": packing})
+    cached = load_tokenized(data.train, data, tokenizer)
+    expected = reference_examples(data.train, data, tokenizer)
+    assert [cached.examples[i] for i in range(len(expected))] == expected and len(cached.examples) == len(expected)
+    rows = PackedRows(cached.examples, data.max_seq_len) if packing else cached.examples
+    reference_rows = reference_pack(expected, data.max_seq_len) if packing else expected
+    batches = Batches(rows, 8, seed=0, pad_id=tokenizer.pad_token_id)
+    reference = Batches(reference_rows, 8, seed=0, pad_id=tokenizer.pad_token_id)
+    assert_same_batches(batches, reference, steps=batches.per_epoch + 3)
