@@ -48,16 +48,18 @@ class ParamTarget:
 
 
 def param_targets(model: nn.Module) -> list[ParamTarget]:
-    """Every expert parameter (3-D, registered on a module that is not a linear layer) and every router weight
-    (a module with ``top_k``/``num_experts`` and a 2-D ``weight``), in model order and, within a module, in
-    the order the module registers them (which is the order PEFT nests them in)."""
+    """Every expert parameter (3-D, on a module that says ``num_experts``: transformers' experts modules) and
+    every router weight (a module with ``top_k`` or ``num_experts`` and a 2-D ``weight``), in model order and,
+    within a module, in the order the module registers them (which is the order PEFT nests them in). Other
+    3-D weights (a convolution's kernel) are not experts."""
     found = []
     for module_name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, AdapterLayer)) or not module_name:
+        if isinstance(module, (nn.Linear, AdapterLayer, nn.modules.conv._ConvNd)) or not module_name:
             continue
-        router = hasattr(module, "top_k") or hasattr(module, "num_experts")
+        experts = hasattr(module, "num_experts")
+        router = experts or hasattr(module, "top_k")
         for name, param in module.named_parameters(recurse=False):
-            if param.ndim == 3 and param.is_floating_point():
+            if experts and param.ndim == 3 and param.is_floating_point():
                 found.append(ParamTarget(module_name, name, ExpertLayout.of(module, name)))
             elif router and name == "weight" and param.ndim == 2:
                 found.append(ParamTarget(module_name, name, ExpertLayout.of(module, name), router=True))

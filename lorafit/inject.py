@@ -259,14 +259,14 @@ def _matches(name: str, target_modules: TargetModules) -> bool:
 
 
 def _no_match_message(candidates: list[str], target_modules: TargetModules, layers: list[int] | None) -> str:
-    kinds = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+    kinds = sorted({name.removesuffix(".weight").rsplit(".", 1)[-1] for name in candidates})  # router: gate
     indices = sorted({i for i in map(layer_index, candidates) if i is not None})
     shown = target_modules.regex if isinstance(target_modules, RegexTarget) else target_modules
     message = f"lora.target_modules {shown!r}"
     if layers is not None:
         message += f" with lora.layers {layers}"
     message += " matches no linear layer of this model.\n"
-    message += f"  Linear (and Conv1D) layers here: {', '.join(kinds) or '(none)'}"
+    message += f"  Linear (and Conv1D) layers and MoE expert parameters here: {', '.join(kinds) or '(none)'}"
     if candidates:
         message += f" (full path e.g. {candidates[0]})"
     if indices:

@@ -22,7 +22,7 @@ from transformers import (
 from lorafit.adapter_io import load_adapter, read_adapter, save_adapter
 from lorafit.config import LoRAConfig, load_recipe
 from lorafit.errors import LorafitError
-from lorafit.inject import inject_lora, lora_modules, remove_lora
+from lorafit.inject import find_targets, inject_lora, lora_modules, remove_lora
 from lorafit.merge import merge_adapter
 from lorafit.train import train as run_training
 
@@ -192,3 +192,10 @@ output: {{dir: {tmp_path / 'out'}}}
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 4}
     assert "8 x 4 experts" in rows["gate_up_proj"] and "4 x 4 experts" in rows["down_proj"]
     assert "gate" not in rows  # the router stays frozen under all-linear
+
+
+def test_a_convolution_kernel_is_not_an_expert():
+    model = tiny_moe("mixtral")
+    model.model.layers[0].conv = torch.nn.Conv1d(32, 32, 3, groups=32)  # 3-D weight [32, 1, 3]
+    targets = find_targets(model, "all-linear")
+    assert not any("conv" in t for t in targets) and any(t.endswith("experts.gate_up_proj") for t in targets)
