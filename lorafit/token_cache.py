@@ -53,19 +53,27 @@ META_NAME = "meta.json"
 
 def load_tokenized(source: str, data: DataConfig, tokenizer, console: Console | None = None) -> TokenizedData:
     """``source`` tokenized under ``data``'s rules: from the cache when this exact tokenization was made before,
-    else made now (and cached). The examples are memory-mapped either way."""
+    else made now (and cached). The examples are memory-mapped either way. An entry that cannot be read
+    (damaged on disk) is built again."""
     console = console or Console(stderr=True)
     folder = cache_dir() / "tokenized" / fingerprint(source, data, tokenizer)
-    if not (folder / META_NAME).is_file():
+    for attempt in range(2):
+        if not (folder / META_NAME).is_file():
+            try:
+                build(folder, source, data, tokenizer, console)
+            except OSError as err:
+                raise LorafitError(f"could not write the tokenized data to {folder.parent} ({err}). Fix: free disk "
+                                   "space there, or point $LORAFIT_CACHE at a writable folder") from None
         try:
-            build(folder, source, data, tokenizer, console)
-        except OSError as err:
-            raise LorafitError(f"could not write the tokenized data to {folder.parent} ({err}). Fix: free disk "
-                               "space there, or point $LORAFIT_CACHE at a writable folder") from None
-    meta = json.loads((folder / META_NAME).read_text())
-    tokenized = TokenizedData(Examples.open(folder / TABLE_NAME), source, meta["rows"], meta["truncated"],
-                              meta["skipped"])
-    return checked(tokenized, data)
+            meta = json.loads((folder / META_NAME).read_text())
+            examples = Examples.open(folder / TABLE_NAME)
+        except (OSError, ValueError, KeyError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            if attempt:
+                raise LorafitError(f"{folder}: the cached tokenized data cannot be read ({err}); delete that "
+                                   "folder and run again") from None
+            console.print(f"[yellow]warning:[/] {folder} is damaged ({err}); tokenizing again", highlight=False)
+            shutil.rmtree(folder, ignore_errors=True)
+    return checked(TokenizedData(examples, source, meta["rows"], meta["truncated"], meta["skipped"]), data)
 
 
 def fingerprint(source: str, data: DataConfig, tokenizer) -> str:

@@ -129,6 +129,10 @@ def test_a_killed_build_is_not_read_and_is_cleaned_up(tmp_path):
     # an entry without its meta.json (never renamed into place by a complete build) is built again
     (folder / token_cache.META_NAME).unlink()
     assert len(load_tokenized(str(path), data, tokenizer).examples) == 1
+    # and so is one whose table was damaged on disk
+    table = folder / token_cache.TABLE_NAME
+    table.write_bytes(table.read_bytes()[:100])
+    assert load_tokenized(str(path), data, tokenizer).examples[0]["input_ids"]
     shutil.rmtree(folder)
 
 
