@@ -188,7 +188,9 @@ def chat_segments(messages: list[dict[str, str]], tokenizer, where: str) -> Segm
         done = full
     if not segments:
         raise LorafitError(f"{where}: conversation has no assistant message to train on")
-    tail = _render(tokenizer, messages, generation_prompt=False)[len(done):]
+    # The whole conversation: already rendered when it ends with the last assistant turn (the usual case).
+    whole = done if messages[-1]["role"] == "assistant" else _render(tokenizer, messages, generation_prompt=False)
+    tail = whole[len(done):]
     return segments + ([(tail, False)] if tail else [])
 
 
