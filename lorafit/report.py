@@ -258,8 +258,8 @@ def report_data(console: Console, train_data: TokenizedData | None, eval_data: T
         counts = ((data.truncated, "truncated"), (data.skipped, "skipped"))
         notes = [f"{count} {what}" for count, what in counts if count]
         extra = f" ({', '.join(notes)} at data.max_seq_len)" if notes else ""
-        console.print(f"{name}: {len(data.examples)} examples, {data.trained_tokens:,} trained tokens from "
-                      f"{data.source}{extra}", highlight=False)
+        console.print(f"{name}: {len(data.examples):,} examples of {data.rows:,} rows read, {data.trained_tokens:,} "
+                      f"trained tokens, from {data.source}{extra}", highlight=False)
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
