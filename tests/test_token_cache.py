@@ -165,3 +165,15 @@ def test_cached_quickstart_batches_equal_in_memory_tokenization_with_smollm2(pac
     batches = Batches(rows, 8, seed=0, pad_id=tokenizer.pad_token_id)
     reference = Batches(reference_rows, 8, seed=0, pad_id=tokenizer.pad_token_id)
     assert_same_batches(batches, reference, steps=batches.per_epoch + 3)
+
+
+def test_eval_scores_from_the_entry_training_made(tmp_path, monkeypatch):
+    from lorafit.evaluate import prepare_task
+
+    path = tmp_path / "x.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) + "\n" for i in range(12)))
+    tokenizer = tiny_tokenizer()
+    trained = load_tokenized(str(path), DataConfig(train=str(path), max_seq_len=64), tokenizer)
+    monkeypatch.setattr(token_cache, "tokenize_chunk", lambda *args: pytest.fail("tokenized again"))
+    task = prepare_task(tokenizer, str(path), "prompt_completion", ["loss"], 64, None, 4, 8)
+    assert [task.tokenized.examples[i] for i in range(12)] == [trained.examples[i] for i in range(12)]
