@@ -155,7 +155,8 @@ def tokenized_chunks(rows: Iterable[tuple[str, dict[str, Any]]], data: DataConfi
     chunks = _batched(rows, CHUNK_ROWS)
     first = list(itertools.islice(chunks, 2))
     bos_id = bos_for(data, tokenizer)
-    workers = min(os.cpu_count() or 1, 8)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(cores, 8)  # the cores this process may run on (a container's share, not the host's)
     if len(first) < 2 or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
         for chunk in itertools.chain(first, chunks):
             yield tokenize_chunk(chunk, data, tokenizer, bos_id)
