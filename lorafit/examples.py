@@ -114,13 +114,21 @@ class PackedRows(Sequence):
             return [self[i] for i in range(len(self))[item]]
         if not 0 <= item < len(self):
             raise IndexError(item)
-        row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+        row = empty_packed_row()
         for index in range(self.bounds[item], self.bounds[item + 1]):
-            example = self.examples[index]
-            row["input_ids"] += example["input_ids"]
-            row["labels"] += [IGNORE_INDEX] + example["labels"][1:]
-            row["position_ids"] += list(range(len(example["input_ids"])))
+            append_to_packed_row(row, self.examples[index])
         return row
+
+
+def empty_packed_row() -> dict[str, list[int]]:
+    return {"input_ids": [], "labels": [], "position_ids": []}
+
+
+def append_to_packed_row(row: dict[str, list[int]], example: Example) -> None:
+    """Add one example to a packed row: its positions restart at 0 and its first token is not a target."""
+    row["input_ids"] += example["input_ids"]
+    row["labels"] += [IGNORE_INDEX] + example["labels"][1:]
+    row["position_ids"] += list(range(len(example["input_ids"])))
 
 
 class TableWriter:

@@ -25,7 +25,7 @@ import torch
 from lorafit.config import DataConfig
 from lorafit.data import bos_for, collate, iter_rows, row_location, tokenize_chunk
 from lorafit.errors import LorafitError
-from lorafit.examples import IGNORE_INDEX
+from lorafit.examples import append_to_packed_row, empty_packed_row
 
 CHUNK_ROWS = 256  # rows tokenized at a time: small, so the first step starts at once
 _LOCAL_TEXT = (".jsonl", ".json", ".csv", ".txt")  # parsed by lorafit (values stay text), read lazily
@@ -123,10 +123,8 @@ class StreamBatches:
                 yield start, row
                 row = None
             if row is None:
-                start, row = where, {"input_ids": [], "labels": [], "position_ids": []}
-            row["input_ids"] += example["input_ids"]
-            row["labels"] += [IGNORE_INDEX] + example["labels"][1:]
-            row["position_ids"] += list(range(len(example["input_ids"])))
+                start, row = where, empty_packed_row()
+            append_to_packed_row(row, example)
 
     def _examples(self, first_pass: int, first_row: int) -> Iterator[tuple[Start, dict[str, list[int]]]]:
         bos_id = bos_for(self.data, self.tokenizer)
