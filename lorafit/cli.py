@@ -33,6 +33,8 @@ VARIANT_NAMES = {"lora": "LoRA", "dora": "DoRA (LoRA + a magnitude per output ro
                  "adalora": "AdaLoRA (SVD-shaped triplets pruned to a budget while training)"}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see configs/).", show_default=False)]
+BaseArg = Annotated[str, typer.Argument(help="Base model: HF folder, hub id, .gguf file or pkg:PACKAGE/FILE.")]
+AdapterArg = Annotated[Path, typer.Argument(help="Adapter folder (lorafit's or PEFT's).")]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a recipe value, e.g. --set lora.r=8 (repeatable).", show_default=False),
@@ -200,8 +202,8 @@ def _planned_allocation(model, recipe):
 @app.command()
 @user_errors
 def merge(
-    base: Annotated[str, typer.Argument(help="Base model: HF folder, hub id, .gguf file or pkg:PACKAGE/FILE.")],
-    adapter: Annotated[Path, typer.Argument(help="Adapter folder (lorafit's or PEFT's).")],
+    base: BaseArg,
+    adapter: AdapterArg,
     out: Annotated[Path, typer.Argument(help="Folder to write the merged model to.")],
     dtype: Annotated[WeightsDType, typer.Option(help="Weights dtype of the merged model.")] = "bfloat16",
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors file, e.g. 2GB or 500MB.")] = "2GB",
@@ -228,8 +230,8 @@ def merge(
 @app.command()
 @user_errors
 def export(
-    base: Annotated[str, typer.Argument(help="Base model: HF folder, hub id, .gguf file or pkg:PACKAGE/FILE.")],
-    adapter: Annotated[Path, typer.Argument(help="Adapter folder (lorafit's or PEFT's).")],
+    base: BaseArg,
+    adapter: AdapterArg,
     out: Annotated[Path, typer.Argument(help="The .gguf file to write.")],
     dtype: Annotated[
         Literal["f32", "f16", "bf16", "q8_0"], typer.Option(help="Tensor type of the matrices (norms stay f32).")
