@@ -98,6 +98,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def model_folder(model, folder: Path) -> Path:
+    """``model`` saved with the tiny tokenizer: a local Hugging Face folder like a user's."""
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def model() -> LlamaForCausalLM:
     return tiny_model()
@@ -107,8 +114,7 @@ def model() -> LlamaForCausalLM:
 def tiny_model_dir(tmp_path: Path) -> Path:
     """A saved tiny model + tokenizer: a local Hugging Face folder like a user's."""
     folder = tmp_path / "tiny-llama"
-    tiny_model().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    model_folder(tiny_model(), folder)
     return folder
 
 
@@ -197,6 +203,19 @@ output: {{dir: {tmp_path / out}}}
         return load_recipe(write_recipe(tmp_path / f"{out}.yaml", text))
 
     return recipe
+
+
+def three_step_recipe(folder: Path, model_dir: Path) -> Path:
+    """A 3-step fp32 run on ROWS over the model in ``model_dir`` (all-linear, r 4), OUT = folder/out: the
+    recipe an architecture's test trains with (and plans with)."""
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return write_recipe(folder / "three-steps.yaml", f"""\
+model: {{base: {model_dir}, dtype: float32}}
+lora: {{r: 4, alpha: 8}}
+data: {{train: {folder / 'train.jsonl'}, max_seq_len: 48}}
+train: {{max_steps: 3, micro_batch_size: 4, lr: 1.0e-2, precision: "no"}}
+output: {{dir: {folder / 'out'}}}
+""")
 
 
 def train_losses(out: Path) -> list[float]:

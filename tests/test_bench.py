@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import tiny_model, tiny_tokenizer
+from .conftest import model_folder, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import bench  # noqa: E402
@@ -82,8 +82,7 @@ def test_bf16_gate_fails_on_excess_drift_or_a_bad_first_step():
 def tiny_base(tmp_path):
     """A tiny Llama whose layers are 64 wide (multiples of the 4-bit block), able to fit the dates data."""
     folder = tmp_path / "tiny"
-    tiny_model(hidden_size=64, intermediate_size=128, initializer_range=0.1).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    model_folder(tiny_model(hidden_size=64, intermediate_size=128, initializer_range=0.1), folder)
     return str(folder)
 
 

@@ -15,7 +15,7 @@ from lorafit.inject import find_targets, inject_lora, lora_modules, training_hoo
 from lorafit.merge import merge_adapter
 from lorafit.train import train as run_training
 
-from .conftest import ROWS, randomize_lora_B, tiny_tokenizer, write_recipe
+from .conftest import model_folder, randomize_lora_B, three_step_recipe, train_losses
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
@@ -28,8 +28,7 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 @pytest.fixture
 def gpt2_dir(tmp_path):
     folder = tmp_path / "tiny-gpt2"
-    tiny_gpt2().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    model_folder(tiny_gpt2(), folder)
     return folder
 
 
@@ -84,17 +83,8 @@ def test_lorafit_loads_peft_s_gpt2_adapter(tmp_path, gpt2_dir, input_ids):
 
 
 def test_three_training_steps_on_gpt2(tmp_path, gpt2_dir):
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    text = f"""\
-model: {{base: {gpt2_dir}, dtype: float32}}
-lora: {{r: 4, alpha: 8}}
-data: {{train: {tmp_path / 'train.jsonl'}, max_seq_len: 48}}
-train: {{max_steps: 3, micro_batch_size: 4, lr: 1.0e-2, precision: "no"}}
-output: {{dir: {tmp_path / 'out'}}}
-"""
-    run_training(load_recipe(write_recipe(tmp_path / "gpt2.yaml", text)))
-    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if r["event"] == "train"]
+    run_training(load_recipe(three_step_recipe(tmp_path, gpt2_dir)))
+    losses = train_losses(tmp_path / "out")
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True and len(config["target_modules"]) == 8

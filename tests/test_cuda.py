@@ -12,7 +12,7 @@ from lorafit.loss import token_loss_sum, trained_positions
 from lorafit.model import load_base_model
 from lorafit.train import train as run_training
 
-from .conftest import randomize_lora_B, tiny_model, tiny_tokenizer, write_recipe
+from .conftest import model_folder, randomize_lora_B, tiny_model, write_recipe
 
 pytestmark = pytest.mark.gpu
 
@@ -20,8 +20,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture
 def model_dir(tmp_path):
     folder = tmp_path / "tiny-64"
-    tiny_model(hidden_size=64, intermediate_size=128, initializer_range=0.1).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    model_folder(tiny_model(hidden_size=64, intermediate_size=128, initializer_range=0.1), folder)
     return folder
 
 

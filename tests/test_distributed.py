@@ -15,7 +15,7 @@ from lorafit.data import IGNORE_INDEX, Batches
 from lorafit.distributed import refuse_lonely_processes
 from lorafit.errors import LorafitError
 
-from .conftest import ROWS, tiny_model, tiny_tokenizer, write_recipe
+from .conftest import ROWS, model_folder, tiny_model, write_recipe
 from .test_cli import run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -29,8 +29,7 @@ DATA = ROWS + ROWS[:4]
 def write_run_recipe(folder: Path, micro_batch_size: int) -> Path:
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in DATA))
     (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:7]))
-    tiny_model().save_pretrained(folder / "tiny-llama")
-    tiny_tokenizer().save_pretrained(folder / "tiny-llama")
+    model_folder(tiny_model(), folder / "tiny-llama")
     text = f"""\
 model: {{base: {folder / 'tiny-llama'}, dtype: float32}}
 lora: {{r: 4, alpha: 8, dropout: 0.0}}

@@ -14,7 +14,7 @@ from lorafit.generate import Generator
 from lorafit.inject import inject_lora
 from lorafit.train import train as run_training
 
-from .conftest import randomize_lora_B, tiny_model, tiny_tokenizer, write_recipe
+from .conftest import model_folder, randomize_lora_B, tiny_model, tiny_tokenizer, write_recipe
 from .test_cli import run
 
 ROWS = [
@@ -84,8 +84,7 @@ def test_two_adapters_in_one_run_equal_separate_runs(tmp_path, tiny_model_dir, e
 def test_exact_match_on_a_model_trained_to_memorise(tmp_path, eval_file):
     # Larger init than the default 0.02: a 32-wide head with tiny weights cannot produce peaked logits.
     model_dir = tmp_path / "model"
-    tiny_model(initializer_range=0.5).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_folder(tiny_model(initializer_range=0.5), model_dir)
     recipe = write_recipe(tmp_path / "memorise.yaml", f"""\
 model: {{base: {model_dir}, dtype: float32}}
 lora: {{r: 8, alpha: 16}}

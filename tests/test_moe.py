@@ -26,7 +26,7 @@ from lorafit.inject import find_targets, inject_lora, lora_modules, remove_lora
 from lorafit.merge import merge_adapter
 from lorafit.train import train as run_training
 
-from .conftest import ROWS, randomize_lora_B, tiny_tokenizer, write_recipe
+from .conftest import model_folder, randomize_lora_B, three_step_recipe, train_losses
 
 SMALL = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)
@@ -62,8 +62,7 @@ def kind(request):
 @pytest.fixture
 def moe_dir(tmp_path, kind):
     folder = tmp_path / kind
-    tiny_moe(kind).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    model_folder(tiny_moe(kind), folder)
     return folder
 
 
@@ -131,17 +130,8 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, kind, moe_dir, input_ids):
 
 
 def test_three_training_steps_leave_the_router_frozen(tmp_path, kind, moe_dir):
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    text = f"""\
-model: {{base: {moe_dir}, dtype: float32}}
-lora: {{r: 4, alpha: 8}}
-data: {{train: {tmp_path / 'train.jsonl'}, max_seq_len: 48}}
-train: {{max_steps: 3, micro_batch_size: 4, lr: 1.0e-2, precision: "no"}}
-output: {{dir: {tmp_path / 'out'}}}
-"""
-    run_training(load_recipe(write_recipe(tmp_path / "moe.yaml", text)))
-    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if r["event"] == "train"]
+    run_training(load_recipe(three_step_recipe(tmp_path, moe_dir)))
+    losses = train_losses(tmp_path / "out")
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     adapter = tmp_path / "out" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -180,13 +170,7 @@ def test_plan_shows_experts_times_rank(tmp_path, moe_dir):
 
     from lorafit.cli import app
 
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    recipe = write_recipe(tmp_path / "plan.yaml", f"""\
-model: {{base: {moe_dir}, dtype: float32}}
-lora: {{r: 4, alpha: 8}}
-data: {{train: {tmp_path / 'train.jsonl'}, max_seq_len: 48}}
-output: {{dir: {tmp_path / 'out'}}}
-""")
+    recipe = three_step_recipe(tmp_path, moe_dir)
     result = CliRunner().invoke(app, ["plan", str(recipe)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 4}

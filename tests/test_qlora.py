@@ -19,7 +19,7 @@ from lorafit.model import load_base_model
 from lorafit.quant import base_memory, cpu_4bit_layout
 from lorafit.train import train as run_training
 
-from .conftest import ctrl_c_after_step, randomize_lora_B, tiny_model, tiny_tokenizer, write_recipe
+from .conftest import ctrl_c_after_step, model_folder, randomize_lora_B, tiny_model, write_recipe
 
 bnb = pytest.importorskip("bitsandbytes")
 PACKABLE = {"hidden_size": 64, "intermediate_size": 128}  # q/o 64x64, k/v 32x64, MLP 128x64 and 64x128
@@ -34,8 +34,7 @@ def quantized(model_dir, bits: str = "4bit", training: bool = False, **overrides
 def tiny_model_dir(tmp_path):
     """This file's default model: a tiny Llama whose layers the packed 4-bit CPU kernel can take."""
     folder = tmp_path / "tiny-llama-64"
-    tiny_model(**PACKABLE).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    model_folder(tiny_model(**PACKABLE), folder)
     return folder
 
 
@@ -43,8 +42,7 @@ def tiny_model_dir(tmp_path):
 def narrow_model_dir(tmp_path):
     """32 wide: most layers are smaller than a 4-bit block, which the packed kernel cannot take."""
     folder = tmp_path / "tiny-llama-32"
-    tiny_model().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    model_folder(tiny_model(), folder)
     return folder
 
 
@@ -120,8 +118,7 @@ def test_merge_of_qlora_adapter_into_full_precision_base(tmp_path, tiny_model_di
 def qlora_run(tmp_path):
     # Larger init than the default 0.02, so the tiny model can actually fit the data (see test_evaluate).
     for name, shape in (("model", PACKABLE), ("narrow", {})):
-        tiny_model(initializer_range=0.5, **shape).save_pretrained(tmp_path / name)
-        tiny_tokenizer().save_pretrained(tmp_path / name)
+        model_folder(tiny_model(initializer_range=0.5, **shape), tmp_path / name)
     rows = [{"prompt": f"day {d}", "completion": f"2020-01-{d:02d}"} for d in range(1, 17)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
