@@ -35,6 +35,11 @@ VARIANT_NAMES = {"lora": "LoRA", "dora": "DoRA (LoRA + a magnitude per output ro
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see configs/).", show_default=False)]
 BaseArg = Annotated[str, typer.Argument(help="Base model: HF folder, hub id, .gguf file or pkg:PACKAGE/FILE.")]
 AdapterArg = Annotated[Path, typer.Argument(help="Adapter folder (lorafit's or PEFT's).")]
+DeviceOption = Annotated[
+    str,
+    typer.Option("--device", help="Where to compute: auto (a CUDA GPU when there is one, else the CPU; "
+                 "LORAFIT_DEVICE overrides), cpu, cuda or cuda:N."),
+]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a recipe value, e.g. --set lora.r=8 (repeatable).", show_default=False),
@@ -108,9 +113,12 @@ def plan(
     overrides: SetOption = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Show the batch of a run over N processes.")] = 1,
 ) -> None:
-    """Load the base model, inject LoRA as the recipe says, and show what would train. Writes nothing."""
+    """Load the base model, inject LoRA as the recipe says, and show what would train. Writes nothing.
+
+    Loads (and runs a rank allocation's statistics pass) where train would: a CUDA GPU when there is one."""
     from lorafit import precision
     from lorafit.config import load_recipe
+    from lorafit.device import compute_device
     from lorafit.inject import inject_lora
     from lorafit.model import load_base_model
     from lorafit.quant import cpu_4bit_layout
@@ -121,7 +129,7 @@ def plan(
     start = time.perf_counter()
     with console.status(f"loading {loaded.model.base} ..."):
         # A rank allocation runs forward passes: in the layout training uses, so it gives train's ranks.
-        model = load_base_model(model_cfg, training=loaded.lora.rank_allocation is not None)
+        model = load_base_model(model_cfg, training=loaded.lora.rank_allocation is not None, device=compute_device())
     load_seconds = time.perf_counter() - start
     allocation = None
     if loaded.lora.rank_allocation is not None:
@@ -185,16 +193,13 @@ def _variant_line(lora) -> str:
 
 
 def _planned_allocation(model, recipe):
-    """The ranks ``lora.rank_allocation`` would give, computed as train computes them (same batches)."""
-    import torch
-
+    """The ranks ``lora.rank_allocation`` would give, computed as train computes them (same batches, same
+    device: the model was loaded there)."""
     from lorafit.eva import allocate_ranks
     from lorafit.model import load_tokenizer
     from lorafit.train import training_data
 
     _, _, batches = training_data(recipe, load_tokenizer(recipe.model))
-    if torch.cuda.is_available():
-        model.to("cuda")  # where train runs it
     with console.status("allocating ranks (EVA: forward passes over training batches) ..."):
         return allocate_ranks(model, recipe.lora, batches.get_global)
 
@@ -213,7 +218,10 @@ def merge(
         bool, typer.Option(help="Allow a base whose architecture is code shipped with it (read that code first).")
     ] = False,
 ) -> None:
-    """Merge an adapter into full base weights that plain transformers loads (no lorafit needed)."""
+    """Merge an adapter into full base weights that plain transformers loads (no lorafit needed).
+
+    Runs on the CPU by design, whatever GPU there is: weights stream shard by shard from file to file, and the
+    check compares with base + adapter in fp32, which a consumer GPU often cannot hold."""
     from lorafit.merge import merge_adapter
 
     with console.status("merging ..."):
@@ -243,7 +251,9 @@ def export(
     ] = False,
 ) -> None:
     """Write base + adapter as one GGUF file for llama.cpp and Ollama (Llama-family models), checked by reading it
-    back."""
+    back.
+
+    Runs on the CPU by design, whatever GPU there is: the check compares with base + adapter in fp32."""
     from lorafit.export import export_gguf
 
     with console.status("exporting ..."):
@@ -287,6 +297,7 @@ def eval_command(
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N examples.", min=1)] = None,
     dtype: Annotated[ModelDType, typer.Option(help="Base model dtype.")] = "float32",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Compare the base model with one or more adapters: loss/perplexity and exact-match generation."""
     from lorafit.evaluate import eval_plan, run_eval
@@ -294,7 +305,8 @@ def eval_command(
 
     if json_path is not None:  # before minutes of evaluation, not after
         _check_output_file(json_path, "--json")
-    plan = eval_plan(recipe, base, adapters or [], data, data_format, dtype, metrics or ["loss", "exact_match"])
+    plan = eval_plan(recipe, base, adapters or [], data, data_format, dtype, metrics or ["loss", "exact_match"],
+                     device)
     if json_path is not None:
         refuse_overlap(json_path, "--json", plan.inputs())
     with console.status("evaluating ..."):
@@ -316,6 +328,7 @@ def generate(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass when temperature > 0.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     dtype: Annotated[ModelDType, typer.Option(help="Base model dtype.")] = "float32",
+    device: DeviceOption = "auto",
 ) -> None:
     """Generate with the base model (and an adapter), streaming tokens; --chat for a conversation."""
     from lorafit.config import ModelConfig
@@ -325,7 +338,7 @@ def generate(
         raise LorafitError("give a PROMPT, or --chat for an interactive conversation")
     if temperature < 0 or not 0 < top_p <= 1:
         raise LorafitError("--temperature must be >= 0 and --top-p in (0, 1]")
-    generator = Generator(ModelConfig(base=base, dtype=dtype), adapter)
+    generator = Generator(ModelConfig(base=base, dtype=dtype), adapter, device)
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     stream = functools.partial(print, end="", flush=True)
     history: list[dict[str, str]] = []

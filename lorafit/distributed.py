@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,14 +22,23 @@ from lorafit.errors import LorafitError
 _WORLD_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
-def process_state():
-    """accelerate's view of this process (initialising the process group when launched as several):
-    CUDA when present, else CPU with the gloo backend. Refuses processes that would train alone."""
+def process_state(device: torch.device):
+    """accelerate's view of this process (initialising the process group when launched as several): NCCL on
+    ``device`` when it is a GPU, else gloo on the CPU. Refuses processes that would train alone."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=device.type == "cpu")
     refuse_lonely_processes(str(state.distributed_type), os.environ)
     return state
+
+
+def end_process_group() -> None:
+    """Destroy the process group, if this process has one (a no-op in a single process). A process that
+    exits with the group alive tears gloo's threads down at interpreter exit, which can abort it ("terminate
+    called without an active exception") after a run that succeeded."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def refuse_lonely_processes(distributed_type: str, env: Mapping[str, str]) -> None:
@@ -164,13 +172,17 @@ def launch(nproc: int, train_args: list[str]) -> int:
     failed: each process has printed its own message, so the launcher's traceback is not shown."""
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+    from lorafit.device import compute_device
+
+    if compute_device().type == "cuda" and nproc > torch.cuda.device_count():
         raise LorafitError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                           "use at most one process per GPU")
+                           "use at most one process per GPU (or LORAFIT_DEVICE=cpu for CPU processes)")
     args = launch_command_parser().parse_args([
         "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "--module", "lorafit", "train",
-        *train_args])
+        "--dynamo_backend", "no", "--main_process_port", "0", "--module", "lorafit", "train", *train_args])
+    # torchrun's standalone rendezvous: its store binds port 0 itself and the processes join that store, so no
+    # port is chosen, released and then taken by someone else in between (a free-port probe's race).
+    args.standalone = True
     try:
         launch_command(args)
     except Exception as err:  # torch's ChildFailedError (or the launcher's own): a process exited non-zero
@@ -178,9 +190,3 @@ def launch(nproc: int, train_args: list[str]) -> int:
               file=sys.stderr)
         return 2
     return 0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -23,6 +23,7 @@ from lorafit.data import (
     row_location,
     tokenize_rows,
 )
+from lorafit.device import compute_device
 from lorafit.errors import LorafitError
 from lorafit.files import local_paths
 from lorafit.inject import remove_lora
@@ -67,6 +68,7 @@ class EvalPlan:
     data_format: str
     metrics: list[str]
     max_seq_len: int = 1024
+    device: str | None = None   # --device; None: lorafit.device's rule
 
     def inputs(self) -> dict[str, Path]:
         """The local files and folders this evaluation reads (an output must never replace one of them)."""
@@ -75,7 +77,7 @@ class EvalPlan:
 
 
 def eval_plan(recipe: Path | None, base: str | None, adapters: list[Path], data: str | None, data_format: str,
-              dtype: str, metrics: list[str]) -> EvalPlan:
+              dtype: str, metrics: list[str], device: str | None = None) -> EvalPlan:
     """From ``lorafit eval RECIPE`` (the recipe's base, OUT/adapter and data.eval; flags override) or from
     ``--base/--adapter/--data`` flags."""
     unknown = [m for m in metrics if m not in METRICS]
@@ -89,11 +91,12 @@ def eval_plan(recipe: Path | None, base: str | None, adapters: list[Path], data:
             raise LorafitError(f"{recipe}: data.eval is not set; pass --data FILE to say what to evaluate on")
         model_cfg = loaded.model.model_copy(update={"base": base} if base else {})
         plan = EvalPlan(model_cfg, adapters or [Path(loaded.output.dir) / "adapter"], data or loaded.data.eval,
-                        loaded.data.format, metrics, loaded.data.max_seq_len)
+                        loaded.data.format, metrics, loaded.data.max_seq_len, device)
     elif base is None or data is None:
         raise LorafitError("lorafit eval needs a RECIPE, or --base and --data (see lorafit eval --help)")
     else:
-        plan = EvalPlan(ModelConfig(base=base, dtype=dtype), adapters, data, data_format, metrics)
+        plan = EvalPlan(ModelConfig(base=base, dtype=dtype), adapters, data, data_format, metrics, device=device)
+    compute_device(device)  # an unusable --device is refused before anything loads
     for adapter in plan.adapters:
         if not (adapter / "adapter_config.json").is_file():
             raise LorafitError(f"--adapter {adapter}: no adapter_config.json there (train first, or check the path)")
@@ -105,7 +108,7 @@ def run_eval(plan: EvalPlan, limit: int | None = None, max_new_tokens: int = 32,
     tokenizer = load_tokenizer(plan.model_cfg)
     task = prepare_task(tokenizer, plan.data_path, plan.data_format, plan.metrics, plan.max_seq_len, limit,
                         micro_batch_size, max_new_tokens)
-    model = load_base_model(plan.model_cfg).eval()
+    model = load_base_model(plan.model_cfg, device=compute_device(plan.device)).eval()
     results = [evaluate_model(model, tokenizer, task, "base")]
     for adapter in plan.adapters:
         load_adapter(model, adapter)

@@ -9,15 +9,17 @@ import torch
 
 from lorafit.adapter_io import load_adapter
 from lorafit.config import ModelConfig
+from lorafit.device import compute_device
 from lorafit.model import load_base_model, load_tokenizer
 
 
 class Generator:
     """A loaded model + tokenizer that answers a conversation, streaming tokens to ``on_text``."""
 
-    def __init__(self, model_cfg: ModelConfig, adapter: Path | None = None):
+    def __init__(self, model_cfg: ModelConfig, adapter: Path | None = None, device: str | None = None):
+        """``device``: ``--device`` (None or auto: lorafit.device's rule)."""
         self.tokenizer = load_tokenizer(model_cfg)
-        self.model = load_base_model(model_cfg).eval()
+        self.model = load_base_model(model_cfg, device=compute_device(device)).eval()
         if adapter is not None:
             load_adapter(self.model, adapter)
 
@@ -41,8 +43,9 @@ class Generator:
 
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False}
+        input_ids = input_ids.to(next(self.model.parameters()).device)  # inputs follow the model
         output = self.model.generate(
-            input_ids=input_ids.to(next(self.model.parameters()).device),
+            input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,

@@ -114,19 +114,26 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
-def load_base_model(model_cfg: ModelConfig, training: bool = False) -> torch.nn.Module:
-    """The frozen base causal LM in the recipe's dtype (``auto``: see lorafit.precision).
+def load_base_model(model_cfg: ModelConfig, training: bool = False,
+                    device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The frozen base causal LM in the recipe's dtype (``auto``: see lorafit.precision), on ``device``
+    (commands pass ``lorafit.device.compute_device()``; the default keeps library calls on the CPU).
 
-    ``training`` keeps a 4-bit base in the layout it trains with on every CPU (see ``set_cpu_4bit_layout``).
+    A 4/8-bit base is quantized on ``device`` itself (``device_map``: bitsandbytes packs the weights where they
+    run, and without a map transformers would put them on a GPU whatever the caller computes on); other bases
+    load on the CPU and move. ``training`` keeps a 4-bit base in the layout it trains with on every CPU (see
+    ``set_cpu_4bit_layout``).
     """
     from transformers import AutoModelForCausalLM
 
+    device = torch.device(device)
     source = local_source(model_cfg)
     dtype = resolve_model_dtype(model_cfg)
     extra = {}
     if model_cfg.quantize:
         extra["quantization_config"] = quantization_config(
             model_cfg.quantize, model_cfg.quant_type, model_cfg.double_quant, DTYPES[dtype])
+        extra["device_map"] = {"": device}
     model = _from_pretrained(
         AutoModelForCausalLM,
         source.location,
@@ -140,6 +147,8 @@ def load_base_model(model_cfg: ModelConfig, training: bool = False) -> torch.nn.
         keep_unquantized_in_fp32(model)
         release_freed_memory()
         set_cpu_4bit_layout(model, training)
+    else:
+        model.to(device)
     return model
 
 

@@ -108,11 +108,19 @@ def emulated_bf16_warning(plan: PrecisionPlan, hw: Hardware | None = None) -> st
             "set model.dtype and train.precision to auto (or float32 and no)")
 
 
-@functools.cache
 def detect_hardware() -> Hardware:
-    if torch.cuda.is_available():
+    """The hardware of the device this process computes on (lorafit.device's rule): a GPU, or the CPU."""
+    from lorafit.device import compute_device
+
+    device = compute_device()
+    return _hardware(device.index or 0 if device.type == "cuda" else None)
+
+
+@functools.cache
+def _hardware(cuda_index: int | None) -> Hardware:
+    if cuda_index is not None:
         return Hardware(True, torch.cuda.is_bf16_supported(including_emulation=False),
-                        torch.cuda.get_device_name(), ())
+                        torch.cuda.get_device_name(cuda_index), ())
     flags = cpu_flags()
     return Hardware(False, False, cpu_model(), tuple(f for f in NATIVE_BF16_CPU_FLAGS if f in flags))
 

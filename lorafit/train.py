@@ -35,8 +35,10 @@ from lorafit.checkpoint import (
 )
 from lorafit.config import LoRAConfig, Recipe
 from lorafit.data import Batches, TokenizedData, split_validation
+from lorafit.device import compute_device
 from lorafit.distributed import (
     any_across,
+    end_process_group,
     from_main,
     full,
     gradient_sync,
@@ -80,13 +82,17 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
     out = Path(recipe.output.dir)
     check_output_dir(out, resume, recipe.inputs())
     check_installed(recipe.train.report_to)
-    processes = process_state()
+    device = compute_device()
+    processes = process_state(device)
     main = processes.is_main_process
-    with FolderLock(out) if main else contextlib.nullcontext():
-        return _train(recipe, resume, (console or Console()) if main else Console(quiet=True), main)
+    try:
+        with FolderLock(out) if main else contextlib.nullcontext():
+            return _train(recipe, resume, (console or Console()) if main else Console(quiet=True), main, device)
+    finally:
+        end_process_group()  # also on errors: no process exits with live communication threads
 
 
-def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> RunSummary:
+def _train(recipe: Recipe, resume: str | None, console: Console, main: bool, device: torch.device) -> RunSummary:
     started = time.perf_counter()
     plan = precision.resolve(recipe.model.dtype, recipe.train.precision, recipe.model.quantize)
     # From here on the recipe says what runs on this machine (auto resolved); OUT/recipe.yaml records it.
@@ -95,7 +101,7 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
     out = Path(recipe.output.dir)
     checkpoint, stale = prepare_output(out, recipe.output.overwrite, resume) if main else (None, [])
     checkpoint = from_main(checkpoint)  # the main process tidied OUT; every process resumes from its choice
-    accelerator = make_accelerator(plan.mixed_precision)
+    accelerator = make_accelerator(plan.mixed_precision, device)
     rank, world = accelerator.process_index, accelerator.num_processes
     console.print(plan.describe(), highlight=False)
     warning = precision.emulated_bf16_warning(plan)
@@ -118,7 +124,7 @@ def _train(recipe: Recipe, resume: str | None, console: Console, main: bool) -> 
 
     torch.manual_seed(cfg.seed)  # LoRA A init, dropout
     random.seed(cfg.seed)
-    model = load_base_model(recipe.model, training=True)
+    model = load_base_model(recipe.model, training=True, device=accelerator.device)
     allocation = rank_allocation(model, recipe.lora, batches, accelerator.device, out if checkpoint else None, console)
     report = inject_lora(model, recipe.lora, allocation)
     adapters_to_float32(model)
@@ -350,15 +356,19 @@ def resolved_recipe(recipe: Recipe, plan: precision.PrecisionPlan) -> Recipe:
     return recipe.model_copy(update={"model": model, "train": train})
 
 
-def make_accelerator(mixed_precision: str):
-    """CUDA when present, else CPU; autocast (and fp16 loss scaling) as ``mixed_precision`` says."""
+def make_accelerator(mixed_precision: str, device: torch.device | None = None):
+    """accelerate on ``device`` (default: lorafit.device's rule); autocast (and fp16 loss scaling) as
+    ``mixed_precision`` says. Several processes each take the GPU of their local rank (accelerate's choice)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    # accelerate keeps one precision per process and refuses a second; one process may train several
-    # recipes (tests, notebooks), so each run sets its own. The process/device state (PartialState) stays.
-    AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    device = device or compute_device()
+    # accelerate keeps one precision and one device per process and refuses a second; one process may train
+    # several recipes (tests, notebooks), so each run sets its own. A process group (several processes) stays.
+    AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # accelerate's single-process CUDA device is the current one
+    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):

@@ -45,13 +45,28 @@ CHAT_TEMPLATE = (
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """GPU tests run wherever CUDA is present and skip, saying why, everywhere else."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none here); run make test on a GPU machine for these")
+    """GPU tests run wherever CUDA is present and skip, saying why, everywhere else; a test marked
+    ``gpus(N)`` also skips, saying so, where fewer than N GPUs are visible."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" not in item.keywords:
+            continue
+        needed = item.get_closest_marker("gpus").args[0] if item.get_closest_marker("gpus") else 1
+        if visible == 0:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none here); run make test on a GPU machine"))
+        elif visible < needed:
+            item.add_marker(pytest.mark.skip(reason=f"needs {needed} CUDA GPUs; this machine has {visible}"))
+
+
+@pytest.fixture(autouse=True)
+def device_by_marker(request, monkeypatch) -> None:
+    """The one device rule (lorafit.device) in tests: tests about CPU arithmetic — all but those marked ``gpu`` —
+    compute on the CPU even on a GPU machine (LORAFIT_DEVICE=cpu, inherited by the processes they launch, which
+    therefore use gloo); ``gpu`` tests get the rule's own answer (the GPU)."""
+    if "gpu" in request.keywords:
+        monkeypatch.delenv("LORAFIT_DEVICE", raising=False)
+    else:
+        monkeypatch.setenv("LORAFIT_DEVICE", "cpu")
 
 
 def tiny_config(**overrides) -> LlamaConfig:
