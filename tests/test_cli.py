@@ -104,22 +104,30 @@ def test_plain_runs_never_import_bitsandbytes_or_peft(tmp_path, tiny_model_dir):
     recipe = tiny_recipe(tmp_path, tiny_model_dir).read_text().split("data:")[0] + extra
     write_recipe(tmp_path / "recipe.yaml", recipe)
     (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    # With standalone_mode=False the app returns a command's exit code (2 for a LorafitError) instead of
+    # exiting, so each command's code and a piece of its output are checked, not just that nothing raised.
     script = f"""
+import contextlib
+import io
 import sys
 
-import pytest
 from lorafit.cli import app
-for args in (["train", "recipe.yaml"], ["eval", "recipe.yaml", "--max-new-tokens", "2"],
-             ["merge", {str(tiny_model_dir)!r}, "out/adapter", "merged", "--dtype", "float32"],
-             ["plan", "recipe.yaml"], ["generate", "--base", {str(tiny_model_dir)!r}, "--max-new-tokens", "2", "hi"]):
-    try:
-        app(args, standalone_mode=False)
-    except SystemExit as exit:
-        assert not exit.code, (args, exit.code)
+for args, expected in ((["train", "recipe.yaml"], "run summary"),
+                       (["eval", "recipe.yaml", "--max-new-tokens", "2"], "perplexity"),
+                       (["merge", {str(tiny_model_dir)!r}, "out/adapter", "merged", "--dtype", "float32"],
+                        "modules into merged"),
+                       (["plan", "recipe.yaml"], "precision: "),
+                       (["generate", "--base", {str(tiny_model_dir)!r}, "--max-new-tokens", "2", "hi"], "\\n")):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = app(args, standalone_mode=False)
+    print("RAN", args[0], code, expected in out.getvalue(), repr(out.getvalue()[-300:]))
 print("IMPORTED", sorted(m for m in ("bitsandbytes", "peft") if m in sys.modules))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
+    ran = [line.split(" ", 4)[1:4] for line in result.stdout.splitlines() if line.startswith("RAN ")]
+    assert ran == [[command, "None", "True"] for command in ("train", "eval", "merge", "plan", "generate")], (
+        result.stdout + result.stderr)
     assert "IMPORTED []" in result.stdout
     assert "kernels-community" not in result.stderr
 

@@ -1,5 +1,6 @@
 """Recipe loading: every mistake is a LorafitError that names the file, line or --set, and the key path."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,55 @@ def test_meaningless_combinations_name_the_key(tmp_path, train_file):
     assert "train.compile does not support a quantized base" in recipe_error(
         path, ["model.quantize=4bit", "train.compile=true"])
     load_recipe(path, ["model.quantize=4bit", "model.quant_type=fp4", "model.double_quant=false"])  # all fine
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """A "billion laughs" document: each anchor lists ``width`` aliases of the one before (width ** levels values)."""
+    names = [f"l{i}" for i in range(levels)]
+    lines = [f"{names[0]}: &{names[0]} [" + ", ".join(['"lol"'] * width) + "]"]
+    lines += [f"{name}: &{name} [" + ", ".join([f"*{prev}"] * width) + "]" for prev, name in zip(names, names[1:])]
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_at_once_with_its_line_and_a_short_message(tmp_path, train_file):
+    # 9 ** 9 = 387 million values once expanded, from 600 bytes; the last alias sits in lora.target_modules.
+    text = alias_bomb() + f"data:\n  train: {train_file}\nlora:\n  target_modules: *l8\n"
+    path = write_recipe(tmp_path / "r.yaml", text)
+    started = time.perf_counter()
+    message = recipe_error(path)
+    assert time.perf_counter() - started < 2.0
+    # l0 holds 10 values and l1 91; l2 (820) and l3 (7,381) fit in 10,000 with them; l4's first aliases do not
+    assert message.startswith(f"{path}:5: YAML aliases expand this document past 10,000 values by here (alias *l3)")
+    assert "\n" not in message and len(message) < 300
+    # the same in a --set value
+    good = write_recipe(tmp_path / "g.yaml", MINIMAL.format(train=train_file))
+    started = time.perf_counter()
+    levels = ["&a [" + ", ".join(["x"] * 10) + "]"] + [f"&{name} [" + ", ".join([f"*{prev}"] * 10) + "]"
+                                                       for prev, name in zip("abcdefg", "bcdefgh")]
+    message = recipe_error(good, [f"lora.target_modules=[{', '.join(levels)}]"])  # 10 ** 8 values
+    assert time.perf_counter() - started < 2.0
+    assert message.startswith("--set 'lora.target_modules=[&a [x,") and "past 10,000 values" in message
+    assert "\n" not in message and len(message) < 300
+
+
+def test_aliases_of_a_sane_size_still_load_and_a_self_containing_one_is_refused(tmp_path, train_file):
+    text = (f"data:\n  train: {train_file}\nlora:\n  target_modules: &targets [q_proj, v_proj]\n"
+            "  rank_pattern: {<<: {q_proj: 2}, v_proj: 3}\nextra: &more\n  targets: *targets\n")
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", text.replace("extra: &more\n  targets: *targets\n", "")))
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"] and recipe.lora.rank_pattern == {"q_proj": 2, "v_proj": 3}
+    path = write_recipe(tmp_path / "loop.yaml", f"data: &d\n  train: {train_file}\n  eval: [*d]\n")
+    assert recipe_error(path) == f"{path}:3: alias *d is inside the value it names, which would make that value " \
+                                 "contain itself forever; write the value out"
+
+
+def test_values_echoed_in_recipe_errors_are_one_short_line(tmp_path, train_file):
+    text = (f"data:\n  train: {train_file}\nlora:\n  r: '{'x' * 5000}'\n  layers: [{', '.join(['-1'] * 1000)}]\n"
+            f"  target_modules:\n    regex: '{'(' * 3000}'\n")
+    message = recipe_error(write_recipe(tmp_path / "r.yaml", text))
+    lines = message.splitlines()
+    assert len(lines) == 1 + 5 and all(len(line) < 300 for line in lines), message
+    assert "lora.r: input should be a valid integer" in message and "(got 'xxxxxxxx" in message
+    assert "lora.layers: must be a non-empty list of layer indices >= 0" in message
+    message = recipe_error(write_recipe(tmp_path / "g.yaml", MINIMAL.format(train=train_file)),
+                           ["lora.r=" + "9" * 4000 + "x"])
+    assert message.count("\n") == 1 and len(message) < 400 and "--set lora.r=9999" in message

@@ -5,12 +5,14 @@ import json
 import pytest
 import torch
 
+from lorafit import token_cache
 from lorafit.config import DataConfig, LoRAConfig
-from lorafit.data import IGNORE_INDEX, collate, load_rows, tokenize_rows
+from lorafit.data import IGNORE_INDEX, collate, generation_example, load_rows, row_location, tokenize_rows
 from lorafit.errors import LorafitError
 from lorafit.examples import PackedRows
 from lorafit.inject import inject_lora
 from lorafit.loss import token_loss_sum
+from lorafit.streaming import StreamBatches
 from lorafit.token_cache import load_tokenized
 
 from .conftest import tiny_model, tiny_tokenizer
@@ -191,6 +193,72 @@ def test_chat_rows_must_hold_messages(tmp_path):
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(LorafitError, match="no assistant message"):
         load_tokenized(str(path), data_config(path, format="chat"), tiny_tokenizer())
+
+
+CHAT_ROW = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "yo"}]}
+BAD_ROLE = r"x\.jsonl:6: messages\[1\] has role 'usr', which chat templates do not know; use one of system, user, "
+
+
+def read_chat_rows(how: str, path, tokenizer) -> None:
+    """Read the chat rows of ``path`` the way one part of lorafit does."""
+    data = data_config(path, format="chat", streaming=how == "stream")
+    if how == "cache":
+        load_tokenized(str(path), data, tokenizer)
+    elif how == "stream":
+        StreamBatches(str(path), data, tokenizer, micro_batch_size=8, pad_id=0).get(0)
+    elif how == "eval":  # exact_match's prompts, as lorafit/evaluate.py builds them
+        for index, row in enumerate(load_rows(str(path))):
+            generation_example(row, "chat", tokenizer, row_location(str(path), index))
+    else:
+        tokenize_rows(load_rows(str(path)), data, tokenizer, str(path))
+
+
+@pytest.mark.parametrize("how", ["cache", "stream", "eval", "memory"])
+def test_chat_role_a_template_does_not_know_is_refused_with_file_line_and_roles(tmp_path, monkeypatch, how):
+    """ChatML renders any role, so "usr" would train as a turn no conversation ever has; every reader refuses it,
+    the token cache's worker processes included (chunks of 2 rows: 4 chunks, the bad row in the third)."""
+    monkeypatch.setattr(token_cache, "CHUNK_ROWS", 2)
+    path = tmp_path / "x.jsonl"
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "usr", "content": "yo"},
+                        {"role": "assistant", "content": "ok"}]}
+    rows = [CHAT_ROW] * 5 + [bad] + [CHAT_ROW] * 2
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = tiny_tokenizer()
+    assert "usr" in tokenizer.apply_chat_template(bad["messages"], tokenize=False)  # the template alone takes it
+    with pytest.raises(LorafitError, match=BAD_ROLE + "assistant, tool$"):
+        read_chat_rows(how, path, tokenizer)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows[:5]))
+    read_chat_rows(how, path, tokenizer)  # the same rows without the bad one are read without complaint
+
+
+def test_chat_roles_are_quoted_short_and_tool_turns_are_accepted(tmp_path):
+    path = tmp_path / "x.jsonl"
+    tool = {"messages": [{"role": "user", "content": "time?"}, {"role": "assistant", "content": "call clock"},
+                         {"role": "tool", "content": "12:00"}, {"role": "assistant", "content": "noon"}]}
+    long_role = {"messages": [{"role": "u\n" * 500, "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    path.write_text(json.dumps(tool) + "\n" + json.dumps(long_role) + "\n")
+    with pytest.raises(LorafitError, match=r"x\.jsonl:2: messages\[0\] has role 'u\\nu\\n") as err:
+        load_tokenized(str(path), data_config(path, format="chat"), tiny_tokenizer())
+    assert len(str(err.value)) < 250 and "\n" not in str(err.value)
+    path.write_text(json.dumps(tool) + "\n")
+    data = load_tokenized(str(path), data_config(path, format="chat"), tiny_tokenizer())
+    assert data.rows == 1 and len(data.examples) == 1
+
+
+def test_a_chat_template_that_refuses_a_conversation_names_file_and_line(tmp_path):
+    """Many templates raise on a role they do not support (Gemma's and Mistral's on system): that is the
+    data's problem, reported like one, not a traceback from inside jinja."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                               "{{ m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}"
+                               "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"messages": CHAT_ROW["messages"][1:]}) + "\n" + json.dumps(CHAT_ROW) + "\n")
+    message = r"x\.jsonl:2: the tokenizer's chat template refuses this conversation: System role not supported"
+    with pytest.raises(LorafitError, match=message):
+        load_tokenized(str(path), data_config(path, format="chat"), tokenizer)
 
 
 def test_unreachable_hub_dataset():
