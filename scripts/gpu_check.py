@@ -36,8 +36,8 @@ def machine() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"gpus": gpus, "gpu": gpus[0] if gpus else None, "cuda": torch.version.cuda, "python": sys.version.split()[0],
-            "versions": versions, "date": time.strftime("%Y-%m-%d")}
+    return {"gpus": gpus, "gpu": gpus[0] if gpus else None, "cuda": torch.version.cuda,
+            "python": sys.version.split()[0], "versions": versions, "date": time.strftime("%Y-%m-%d")}
 
 
 def gpu_tests(folder: Path, timeout: int) -> dict:
