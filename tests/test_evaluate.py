@@ -1,6 +1,7 @@
 """`lorafit eval` and `lorafit generate` on tiny models, against hand computations."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from lorafit.train import train as run_training
 
 from .conftest import model_folder, randomize_lora_B, tiny_model, tiny_tokenizer, write_recipe
 from .test_cli import run
+from .tolerance import assert_close_by_rule, reduction_through
 
 ROWS = [
     {"prompt": "cat", "completion": "meow"},
@@ -57,13 +59,16 @@ def hand_loss(model, tokenizer) -> float:
     return total / count
 
 
+@pytest.mark.numerics
 def test_eval_loss_equals_hand_computed_mean_token_loss(tiny_model_dir, eval_file):
     results = run_eval(EvalPlan(ModelConfig(base=str(tiny_model_dir), dtype="float32"), [], str(eval_file),
                                 "prompt_completion", ["loss"]))
     expected = hand_loss(tiny_model(), tiny_tokenizer())
     assert results[0].name == "base" and results[0].n == 3
-    assert results[0].loss == pytest.approx(expected, rel=1e-5)
-    assert results[0].perplexity == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-5)
+    # lorafit's batched fp32 loss against one row at a time with an fp64 log-softmax
+    reduction = reduction_through(tiny_model(), tokens=3 * 64)  # 3 rows of < 64 tokens (template included)
+    assert_close_by_rule(results[0].loss, expected, reduction=reduction, dtype=torch.float32)
+    assert_close_by_rule(math.log(results[0].perplexity), expected, reduction=reduction, dtype=torch.float32)
     assert results[0].exact_match is None
 
 

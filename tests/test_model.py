@@ -13,6 +13,7 @@ from .conftest import tiny_model
 def test_local_folder_loads_frozen_in_requested_dtype(tiny_model_dir, input_ids):
     model = load_base_model(ModelConfig(base=str(tiny_model_dir), dtype="float32"))
     assert not any(p.requires_grad for p in model.parameters())
+    # the same weights through the same code on the same inputs: bit-exact
     torch.testing.assert_close(model(input_ids).logits, tiny_model()(input_ids).logits, atol=0, rtol=0)
     assert load_base_model(ModelConfig(base=str(tiny_model_dir), dtype="bfloat16")).dtype == torch.bfloat16
 

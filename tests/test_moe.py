@@ -27,6 +27,7 @@ from lorafit.merge import merge_adapter
 from lorafit.train import train as run_training
 
 from .conftest import model_folder, randomize_lora_B, three_step_recipe, train_losses
+from .tolerance import assert_close_by_rule, reduction_through, tolerance
 
 SMALL = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)
@@ -83,6 +84,7 @@ def test_all_linear_adapts_what_peft_adapts_except_the_router(kind):
     assert ours == theirs
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_peft_loads_the_adapter_with_the_same_logits_and_lorafit_loads_peft_s(tmp_path, kind, input_ids):
     model = tiny_moe(kind)
@@ -96,21 +98,24 @@ def test_peft_loads_the_adapter_with_the_same_logits_and_lorafit_loads_peft_s(tm
         ours = model(input_ids).logits
         assert (ours - tiny_moe(kind)(input_ids).logits).abs().max() > 0.01  # the experts' updates count
         peft = PeftModel.from_pretrained(tiny_moe(kind), tmp_path / "adapter").eval()
-        torch.testing.assert_close(peft(input_ids).logits, ours, atol=1e-5, rtol=0)
+        # (the routers' top-k choice is discrete: it holds because no two experts' scores tie to rounding here)
+        reduction = reduction_through(model, tokens=input_ids.numel())
+        assert_close_by_rule(peft(input_ids).logits, ours, reduction=reduction)
         # and back: PEFT's own file into lorafit
         peft.save_pretrained(tmp_path / "peft")
         again = tiny_moe(kind)
         load_adapter(again, tmp_path / "peft")
-        torch.testing.assert_close(again(input_ids).logits, ours, atol=1e-5, rtol=0)
+        assert_close_by_rule(again(input_ids).logits, ours, reduction=reduction)
         # merged in place (every expert's weight) == the adapted forward; unmerged == the base again
         modules = lora_modules(model).values()
         for module in modules:
             module.merge()
-        torch.testing.assert_close(model(input_ids).logits, ours, atol=1e-5, rtol=0)
+        assert_close_by_rule(model(input_ids).logits, ours, reduction=reduction)
         remove_lora(model)
-        torch.testing.assert_close(model(input_ids).logits, tiny_moe(kind)(input_ids).logits, atol=1e-5, rtol=0)
+        assert_close_by_rule(model(input_ids).logits, tiny_moe(kind)(input_ids).logits, reduction=reduction)
 
 
+@pytest.mark.numerics
 def test_merge_equals_peft_merge_and_unload(tmp_path, kind, moe_dir, input_ids):
     peft = peft_all_linear(kind)
     with torch.no_grad():
@@ -119,14 +124,18 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, kind, moe_dir, input_ids):
                 param.normal_(0, 0.1)
     peft.save_pretrained(tmp_path / "peft")
     result = merge_adapter(str(moe_dir), tmp_path / "peft", tmp_path / "merged", dtype="float32")
-    assert result.max_logit_diff < 1e-5 and result.merged_modules == 14  # 4 attention + 2 experts + router, x2
+    assert result.merged_modules == 14  # 4 attention + 2 experts + router, x2
+    # merge's own check (merged vs adapted logits), by the rule; logits of these tiny models stay below 1
+    _, atol = tolerance(None, reduction=reduction_through(peft, tokens=input_ids.numel()), dtype=torch.float32,
+                        scale=1.0)
+    assert result.max_logit_diff < atol
     on_disk = load_file(tmp_path / "merged" / "model.safetensors")
     assert any(".experts.0." in key for key in on_disk)  # saved per expert, as transformers stores these models
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
     reference = peft.merge_and_unload().state_dict()
     assert merged.keys() == reference.keys()
-    for key in reference:
-        torch.testing.assert_close(merged[key], reference[key], atol=1e-5, rtol=0)
+    for key in reference:  # W + s·B·A: a sum over r
+        assert_close_by_rule(merged[key], reference[key], reduction=4, msg=key)
 
 
 def test_three_training_steps_leave_the_router_frozen(tmp_path, kind, moe_dir):

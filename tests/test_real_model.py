@@ -55,7 +55,7 @@ def test_gguf_conversion_cache_matches_direct_gguf_load(tmp_path, monkeypatch):
     ids = tokenizer(text, return_tensors="pt").input_ids
     assert torch.equal(ids, direct_tok(text, return_tensors="pt").input_ids)
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, direct(ids).logits)
+        assert torch.equal(model(ids).logits, direct(ids).logits)  # same weights, same code: bit-exact
 
 
 def test_quickstart_trains_end_to_end(tmp_path):

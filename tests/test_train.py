@@ -18,6 +18,7 @@ from lorafit.train import accumulate_gradients, make_accelerator
 from lorafit.train import train as run_training
 
 from .conftest import ROWS, ctrl_c_after_step, losses, recipe_at, tiny_model, tiny_tokenizer
+from .tolerance import assert_close_by_rule, reduction_through
 
 
 def test_run_writes_every_file_and_learns(run_dir):
@@ -56,7 +57,8 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(run_dir, monkeypatch
     with pytest.raises(LorafitError, match="already holds a run"):
         run_training(recipe_at(run_dir, out="resumed"))
     run_training(recipe_at(run_dir, out="resumed"), resume="latest")
-    assert losses(run_dir / "resumed") == expected  # exact, step by step (CPU is deterministic)
+    # exact, step by step: same code, same inputs, same device (the rule's one case for bit-exactness)
+    assert losses(run_dir / "resumed") == expected
     straight = load_file(run_dir / "straight" / "adapter" / "adapter_model.safetensors")
     resumed = load_file(run_dir / "resumed" / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -99,15 +101,23 @@ def wrapped_model(**lora):
     return model.train()
 
 
+def batch_reduction(model, batches) -> int:
+    """The rule's reduction for these gradients: through the model, summed over every token of the batches."""
+    return reduction_through(model, tokens=sum(batch["input_ids"].numel() for batch in batches))
+
+
+@pytest.mark.numerics
 def test_grad_accumulation_equals_one_big_batch():
     model = wrapped_model()
     accumulated = lora_grads(model, micro_batches([4, 4]))
     whole = lora_grads(model, micro_batches([8]))
+    reduction = batch_reduction(model, micro_batches([8]))
     for name in whole:
         # different padding widths and summation order: equal up to fp32 rounding
-        torch.testing.assert_close(accumulated[name], whole[name], atol=1e-6, rtol=1e-4)
+        assert_close_by_rule(accumulated[name], whole[name], reduction=reduction, msg=name)
 
 
+@pytest.mark.numerics
 def test_gradient_checkpointing_gives_same_lora_gradients():
     model = wrapped_model()
     plain = lora_grads(model, micro_batches([8]))
@@ -116,7 +126,8 @@ def test_gradient_checkpointing_gives_same_lora_gradients():
     assert model.model.gradient_checkpointing
     for name in plain:
         assert checkpointed[name].abs().sum() > 0
-        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+        assert_close_by_rule(checkpointed[name], plain[name], reduction=batch_reduction(model, micro_batches([8])),
+                             msg=name)
 
 
 def test_gradient_checkpointing_run(run_dir):
@@ -126,7 +137,11 @@ def test_gradient_checkpointing_run(run_dir):
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="needs a C++ compiler")
 def test_compiled_run_matches_eager_run(run_dir):
-    """train.compile: same losses and eval loss as eager (inductor reorders fp32 sums: 1e-4 relative)."""
+    """train.compile: same losses and eval loss as eager (inductor reorders fp32 sums: 1e-4 relative).
+
+    Outside tests/tolerance.py's rule on purpose: these are losses after optimizer steps, and AdamW divides
+    each gradient by its own root mean square, so a rounding difference in a tiny gradient becomes a
+    difference of order lr in the weights. 1e-4 relative is measured, not derived (tests/README.md)."""
     settings = ("lora.dropout=0", "train.max_steps=3", "train.save_every=3")  # inductor has its own dropout RNG
     eager = run_training(recipe_at(run_dir, *settings))
     compiled = run_training(recipe_at(run_dir, *settings, "train.compile=true", out="compiled"))
@@ -202,6 +217,7 @@ class _RecordingHooks(TrainingHooks):
         _RecordingHooks.calls.append((step, grads))
 
 
+@pytest.mark.numerics
 def test_variant_regularization_joins_the_step_loss_once():
     """The gradient with a variant's penalty is the LM gradient plus the penalty's own gradient (0.5·‖B‖²
     gives B), whatever the number of micro-batches: the penalty counts once per optimizer step."""
@@ -213,7 +229,8 @@ def test_variant_regularization_joins_the_step_loss_once():
     for name, param in model.named_parameters():
         if param.requires_grad:
             expected = plain[name] + (param.detach() if "lora_B" in name else 0)
-            torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-7)
+            assert_close_by_rule(param.grad, expected, reduction=batch_reduction(model, micro_batches([4, 4])),
+                                 msg=name)
 
 
 def test_train_calls_the_variants_step_hook_after_each_step(run_dir, monkeypatch):
