@@ -22,6 +22,7 @@ from lorafit.model import load_base_model
 from lorafit.train import train as run_training
 
 from .conftest import ctrl_c_after_step, model_folder, randomize_lora_B, tiny_model, train_losses, write_recipe
+from .tolerance import assert_close_by_rule, reduction_through
 
 pytestmark = pytest.mark.gpu
 
@@ -64,10 +65,14 @@ def test_bf16_step_on_gpu_matches_fp32_on_cpu(model_dir):
         model.to(device)
         results.append(loss_and_grads(model.train(), batch(device)))
     (cpu_loss, cpu_grads), (gpu_loss, gpu_grads) = results
-    assert gpu_loss == pytest.approx(cpu_loss, rel=2e-2)  # bf16: 8 significant bits
+    # Not one value through two kernels but bf16 against fp32: every layer's inputs and weights rounded to 8
+    # bits (relative 2^-8 each). The loss is a mean over 46 positions, so those roundings average down to bf16's
+    # floor (rtol 1.6e-2, torch.testing's bf16 default); a gradient is one sum per element through the backward
+    # of every layer, held to 3x that floor relative to the largest element (what 2 layers x 3 roundings give).
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1.6e-2)
     for name, grad in cpu_grads.items():
         assert gpu_grads[name].dtype == torch.float32
-        torch.testing.assert_close(gpu_grads[name], grad, atol=5e-2 * grad.abs().max().item(), rtol=0)
+        torch.testing.assert_close(gpu_grads[name], grad, atol=3 * 1.6e-2 * grad.abs().max().item(), rtol=0)
 
 
 def test_qlora_step_on_gpu(model_dir):
@@ -196,5 +201,7 @@ def test_two_gpus_train_what_one_gpu_trains_with_twice_the_micro_batch(tmp_path,
         assert result.returncode == 0, result.stderr
         runs[nproc] = train_losses(tmp_path / f"nproc{nproc}")
     assert "MULTI_GPU" in result.stdout
-    # fp32, NCCL's all-reduce against one process's sum: a different summation order only.
-    assert runs[2] == pytest.approx(runs[1], rel=1e-4)
+    # fp32, NCCL's all-reduce against one process's sum: a different summation order only, so the rule (cuBLAS
+    # may use TF32 nowhere here: torch leaves it off for fp32 matmuls by default).
+    model = load_base_model(ModelConfig(base=str(model_dir), dtype="float32"))
+    assert_close_by_rule(runs[2], runs[1], reduction=reduction_through(model, tokens=8 * 40), dtype=torch.float32)
