@@ -25,7 +25,7 @@ demo: install
 	$(VENV)/bin/lorafit eval configs/quickstart.yaml --max-new-tokens 16 --json runs/quickstart/eval.json
 
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not clients"
 
 test-all: install
 	$(PY) -m pytest -q

