@@ -265,8 +265,9 @@ def export(
         console.print(f"self-check: ΔW rebuilt from the file as llama.cpp does (alpha / r · B @ A) vs the adapter's: "
                       f"max |difference| {result.max_delta_error:.2e} ({dtype} rounding alone: "
                       f"{result.rounding_floor:.2e})", highlight=False)
-        console.print(f"use: llama-cli -m BASE.gguf --lora {result.out} (Ollama: ADAPTER {result.out.name} in a "
-                      "Modelfile whose FROM is the base)", highlight=False)
+        console.print(f"use: llama-cli -m BASE.gguf --lora {result.out}; Ollama: {result.modelfile} (FROM the base, "
+                      f"ADAPTER {result.out.name}; {result.modelfile_note}): ollama create NAME -f {result.modelfile}",
+                      highlight=False)
         return
     console.print(f"wrote {result.out} ({size:.1f} MiB, {result.tensors} tensors, {result.merged_modules} adapted "
                   f"modules merged, {dtype}, pre-tokenizer {result.pre_tokenizer})", highlight=False)
@@ -274,8 +275,9 @@ def export(
                   highlight=False)
     if result.max_logit_diff is not None:
         console.print(f"self-check: max |logit difference| vs base + adapter in fp32 = {result.max_logit_diff:.2e} "
-                      f"({dtype} rounding alone: {result.rounding_floor:.2e}); the tokenizer read back encodes a "
-                      "chat prompt to the same ids", highlight=False)
+                      f"({dtype} rounding alone: {result.rounding_floor:.2e}); llama.cpp's loader rules hold; the "
+                      f"vocabulary read back, split as llama.cpp splits for {result.pre_tokenizer!r}, encodes the "
+                      "sample texts and a chat prompt to the same ids as the base", highlight=False)
 
 
 @app.command(name="eval")
