@@ -74,6 +74,7 @@ gpu-wheels: install
 
 lint: install
 	$(VENV)/bin/ruff check lorafit tests scripts
+	$(PY) scripts/import_cycles.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

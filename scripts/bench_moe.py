@@ -37,11 +37,10 @@ def run_one(framework: str, args: argparse.Namespace) -> dict:
     model = MixtralForCausalLM(config).to(device)
     if framework == "lorafit":
         from lorafit.config import LoRAConfig
-        from lorafit.inject import adapters_to_float32, inject_lora
+        from lorafit.inject import inject_lora
 
         inject_lora(model, LoRAConfig(r=args.r, alpha=2 * args.r, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "gate"]))
-        adapters_to_float32(model)
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "gate"]), for_training=True)
     else:
         from peft import LoraConfig, get_peft_model
 

@@ -35,7 +35,7 @@ def run_one(base: str, quantize: str | None, dtype: str, steps: int, batch: int,
 
     from lorafit.config import LoRAConfig, ModelConfig
     from lorafit.device import compute_device
-    from lorafit.inject import adapters_to_float32, inject_lora
+    from lorafit.inject import inject_lora
     from lorafit.model import load_base_model
     from lorafit.quant import base_memory
 
@@ -44,8 +44,7 @@ def run_one(base: str, quantize: str | None, dtype: str, steps: int, batch: int,
     cuda = device.type == "cuda"
     model = load_base_model(ModelConfig(base=base, dtype=dtype, quantize=quantize), training=True, device=device)
     weights, sixteen_bit = base_memory(model)
-    inject_lora(model, LoRAConfig(r=16, alpha=32))
-    adapters_to_float32(model)  # as lorafit train does
+    inject_lora(model, LoRAConfig(r=16, alpha=32), for_training=True)  # fp32 adapters, as lorafit train has
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)

@@ -54,7 +54,7 @@ def main() -> None:
 
     import lorafit.loss
     from lorafit.config import LoRAConfig, ModelConfig
-    from lorafit.inject import adapters_to_float32, inject_lora
+    from lorafit.inject import inject_lora
     from lorafit.loss import token_loss_sum, trained_positions
     from lorafit.model import load_base_model, load_tokenizer
     from lorafit.train import make_optimizer
@@ -67,8 +67,7 @@ def main() -> None:
     model = load_base_model(cfg)
     model.model.layers = model.model.layers[: args.layers]
     model.config.num_hidden_layers = args.layers
-    inject_lora(model, LoRAConfig(r=bench.RANK, alpha=bench.ALPHA))
-    adapters_to_float32(model)
+    inject_lora(model, LoRAConfig(r=bench.RANK, alpha=bench.ALPHA), for_training=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer("adamw", params, 3e-4, 0.0)

@@ -243,14 +243,13 @@ def four_bit_tiny(tmp_path: Path, lora) -> torch.nn.Module:
     """A 64-wide tiny Llama loaded with a 4-bit base as training loads it, ``lora`` (a LoRAConfig) injected,
     adapters in fp32."""
     from lorafit.config import ModelConfig
-    from lorafit.inject import adapters_to_float32, inject_lora
+    from lorafit.inject import inject_lora
     from lorafit.model import load_base_model
 
     folder = tmp_path / "tiny-64"
     tiny_model(hidden_size=64, intermediate_size=128).save_pretrained(folder)
     model = load_base_model(ModelConfig(base=str(folder), dtype="float32", quantize="4bit"), training=True)
-    inject_lora(model, lora)
-    adapters_to_float32(model)
+    inject_lora(model, lora, for_training=True)
     return model
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 
-from lorafit.adalora import AdaLoRALinear
 from lorafit.adapter_io import load_adapter, save_adapter
+from lorafit.adapters.adalora import AdaLoRALinear
 from lorafit.config import LoRAConfig
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora, lora_modules, training_hooks

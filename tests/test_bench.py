@@ -271,10 +271,10 @@ def test_gate_on_real_runs_passes_lorafit_and_fails_a_lora_update_scaled_2x(benc
     oracle, _, gate = judge(bench_loop, ("peft", "peft+autocast"))
     good = bench_loop("lorafit")
     assert gate(good)["passed"], gate(good)
-    import lorafit.lora
+    import lorafit.adapters.lora
 
-    scaling = lorafit.lora.lora_scaling
-    monkeypatch.setattr(lorafit.lora, "lora_scaling", lambda *args, **kwargs: 2 * scaling(*args, **kwargs))
+    scaling = lorafit.adapters.lora.lora_scaling
+    monkeypatch.setattr(lorafit.adapters.lora, "lora_scaling", lambda *args, **kwargs: 2 * scaling(*args, **kwargs))
     broken = bench_loop("lorafit")
     assert broken != good
     assert not gate(broken)["passed"], gate(broken)
@@ -283,7 +283,7 @@ def test_gate_on_real_runs_passes_lorafit_and_fails_a_lora_update_scaled_2x(benc
 def test_gate_on_real_runs_fails_a_dropout_that_is_not_rescaled(bench_loop, monkeypatch):
     """Inverted dropout scales what it keeps by 1/(1-p), so the update is unbiased; without it the update is
     (1-p) times too small in training. p = 0.5 here: half the update (p = 0.1 measured 2e-3, also caught)."""
-    import lorafit.lora
+    import lorafit.adapters.lora
 
     monkeypatch.setattr(bench, "DROPOUT", 0.5)
     oracle, _, gate = judge(bench_loop, ("peft", "peft+autocast"))
@@ -294,14 +294,14 @@ def test_gate_on_real_runs_fails_a_dropout_that_is_not_rescaled(bench_loop, monk
         def forward(self, x):
             return F.dropout(x, self.p, self.training) * (1 - self.p) if self.training else x
 
-    build = lorafit.lora.AdapterLayer.__init__
+    build = lorafit.adapters.lora.AdapterLayer.__init__
 
     def adapter_init(self, *args, **kwargs):
         build(self, *args, **kwargs)
         if isinstance(self.lora_dropout, nn.Dropout):
             self.lora_dropout = NotRescaled(self.lora_dropout.p)
 
-    monkeypatch.setattr(lorafit.lora.AdapterLayer, "__init__", adapter_init)
+    monkeypatch.setattr(lorafit.adapters.lora.AdapterLayer, "__init__", adapter_init)
     broken = bench_loop("lorafit")
     assert broken != good
     assert not gate(broken)["passed"], gate(broken)

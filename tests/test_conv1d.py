@@ -11,8 +11,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lorafit.adapter_io import load_adapter, save_adapter
 from lorafit.config import LoRAConfig, load_recipe
-from lorafit.inject import find_targets, inject_lora, lora_modules, training_hooks
+from lorafit.inject import inject_lora, lora_modules, training_hooks
 from lorafit.merge import merge_adapter
+from lorafit.targets import find_targets
 from lorafit.train import train as run_training
 
 from .conftest import model_folder, randomize_lora_B, three_step_recipe, train_losses

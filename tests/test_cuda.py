@@ -16,7 +16,7 @@ import torch
 
 from lorafit import precision
 from lorafit.config import LoRAConfig, ModelConfig, load_recipe
-from lorafit.inject import adapters_to_float32, inject_lora
+from lorafit.inject import inject_lora
 from lorafit.loss import token_loss_sum, trained_positions
 from lorafit.model import load_base_model
 from lorafit.train import train as run_training
@@ -59,8 +59,7 @@ def test_bf16_step_on_gpu_matches_fp32_on_cpu(model_dir):
     for device, dtype in (("cpu", "float32"), ("cuda", "bfloat16")):
         torch.manual_seed(0)
         model = load_base_model(ModelConfig(base=str(model_dir), dtype=dtype), training=True)
-        inject_lora(model, LoRAConfig(r=4, alpha=8))  # on the CPU: the same A for both
-        adapters_to_float32(model)
+        inject_lora(model, LoRAConfig(r=4, alpha=8), for_training=True)  # on the CPU: the same A for both
         randomize_lora_B(model)
         model.to(device)
         results.append(loss_and_grads(model.train(), batch(device)))
@@ -78,8 +77,7 @@ def test_bf16_step_on_gpu_matches_fp32_on_cpu(model_dir):
 def test_qlora_step_on_gpu(model_dir):
     model = load_base_model(ModelConfig(base=str(model_dir), dtype="bfloat16", quantize="4bit"), training=True)
     model.to("cuda")
-    inject_lora(model, LoRAConfig(r=4, alpha=8))
-    adapters_to_float32(model)
+    inject_lora(model, LoRAConfig(r=4, alpha=8), for_training=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss, grads = loss_and_grads(model.train(), batch("cuda"))
     assert torch.isfinite(torch.tensor(loss)) and grads and all("lora_" in n for n in grads)

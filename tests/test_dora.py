@@ -1,4 +1,5 @@
-"""DoRA: the formula by hand, the fast row norm, merge, PEFT's own DoRA both ways, a 4-bit base, a run."""
+"""DoRA: the formula by hand, the fast row norm, merge, where the magnitude starts and dropout against PEFT, a
+4-bit base, a run. PEFT both ways and merge: test_adapters_conformance.py."""
 
 import json
 
@@ -8,15 +9,14 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from lorafit.adapter_io import load_adapter, save_adapter
+from lorafit.adapter_io import save_adapter
+from lorafit.adapters.dora import DoRALinear, dora_row_norm
 from lorafit.config import LoRAConfig
-from lorafit.dora import DoRALinear, dora_row_norm
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora, lora_modules
-from lorafit.merge import merge_adapter
 from lorafit.train import train as run_training
 
-from .conftest import ctrl_c_after_step, day_run, four_bit_tiny, peft_grads, randomize_lora_B, tiny_model, train_losses
+from .conftest import ctrl_c_after_step, day_run, four_bit_tiny, randomize_lora_B, tiny_model, train_losses
 from .tolerance import assert_close_by_rule, reduction_through
 
 # One output of the 16 -> 24 test layer sums over in (x·Wᵀ, x·Aᵀ, the row norm: 16 each) and r (·Bᵀ, B·A: 4 each).
@@ -109,53 +109,6 @@ def test_magnitude_starts_where_peft_starts():
     for name, module in lora_modules(ours).items():
         peft_m = theirs.get_submodule(f"base_model.model.{name}").lora_magnitude_vector["default"].weight
         assert_close_by_rule(module.lora_magnitude_vector, peft_m, reduction=module.base_layer.in_features, msg=name)
-
-
-@pytest.mark.numerics
-def test_lorafit_dora_adapter_loads_in_peft_with_same_logits_and_gradients(tmp_path, input_ids):
-    ours = tiny_model()
-    inject_lora(ours, LoRAConfig(r=4, alpha=8, variant="dora"))
-    randomize_lora_B(ours)
-    perturb_magnitudes(ours)
-    save_adapter(ours, tmp_path / "adapter")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["use_dora"] is True
-    theirs = PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter", is_trainable=True)
-    ours_loss = ours(input_ids, labels=input_ids).loss
-    theirs_loss = theirs(input_ids, labels=input_ids).loss
-    reduction = reduction_through(ours, tokens=input_ids.numel())
-    assert_close_by_rule(ours_loss, theirs_loss, reduction=reduction)
-    ours_loss.backward()
-    theirs_loss.backward()
-    grads = peft_grads(theirs)
-    for name, module in lora_modules(ours).items():
-        for part, param in module.adapter_params().items():
-            key = f"{name}.{part}" + (".weight" if part == "lora_magnitude_vector" else "")
-            assert_close_by_rule(param.grad, grads[key], reduction=reduction, msg=key)
-
-
-@pytest.mark.numerics
-def test_peft_dora_adapter_loads_in_lorafit_and_merges_like_merge_and_unload(tmp_path, input_ids, tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    theirs = peft_dora(tiny_model())
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(2)
-        for name, param in theirs.named_parameters():
-            if "lora_B" in name or "magnitude" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-    theirs.save_pretrained(tmp_path / "peft")
-    expected = theirs.eval()(input_ids).logits
-    ours = tiny_model()
-    load_adapter(ours, tmp_path / "peft")
-    assert all(isinstance(m, DoRALinear) for m in lora_modules(ours).values())
-    reduction = reduction_through(ours, tokens=input_ids.numel())
-    assert_close_by_rule(ours(input_ids).logits, expected, reduction=reduction)
-
-    merge_adapter(str(tiny_model_dir), tmp_path / "peft", tmp_path / "merged", dtype="float32")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    peft_merged = theirs.merge_and_unload()
-    assert_close_by_rule(merged(input_ids).logits, peft_merged(input_ids).logits, reduction=reduction)
 
 
 def test_dora_over_a_4bit_base(tmp_path, input_ids):

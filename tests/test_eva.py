@@ -11,7 +11,8 @@ from lorafit.config import DataConfig, LoRAConfig, RankAllocationConfig
 from lorafit.data import collate, tokenize_rows
 from lorafit.errors import LorafitError
 from lorafit.eva import IncrementalPCA, RankAllocation, allocate_eva, allocate_ranks
-from lorafit.inject import find_targets, inject_lora, lora_modules
+from lorafit.inject import inject_lora, lora_modules
+from lorafit.targets import find_targets
 from lorafit.train import train as run_training
 
 from .conftest import ctrl_c_after_step, losses, recipe_at, tiny_model, tiny_tokenizer

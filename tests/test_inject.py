@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from lorafit.adapters.lora import LoRALinear
 from lorafit.config import LoRAConfig
 from lorafit.errors import LorafitError
-from lorafit.inject import find_targets, inject_lora, lora_modules
-from lorafit.lora import LoRALinear
+from lorafit.inject import inject_lora, lora_modules
+from lorafit.targets import find_targets
 
 from .conftest import tiny_model
 

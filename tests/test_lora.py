@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorafit.lora import LoRALinear, lora_scaling
+from lorafit.adapters.lora import LoRALinear, lora_scaling
 
 from .tolerance import assert_close_by_rule
 

@@ -9,10 +9,11 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafit.adapter_io import save_adapter
+from lorafit.adapters.base import merged_weight
+from lorafit.adapters.lora import lora_delta
 from lorafit.config import LoRAConfig
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora
-from lorafit.lora import lora_delta, merged_weight
 from lorafit.merge import merge_adapter, parse_size
 
 from .conftest import tiny_model

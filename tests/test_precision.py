@@ -82,10 +82,9 @@ def test_bf16_autocast_over_fp32_weights_covers_the_fused_loss_path(model, input
     """accelerate wraps model.forward in autocast, but the fused loss calls the decoder directly:
     lorafit must put the autocast around the loss itself, or 'precision: bf16' silently trains in fp32."""
     from lorafit.config import LoRAConfig
-    from lorafit.inject import adapters_to_float32, inject_lora
+    from lorafit.inject import inject_lora
 
-    inject_lora(model, LoRAConfig(r=4, alpha=8))
-    adapters_to_float32(model)
+    inject_lora(model, LoRAConfig(r=4, alpha=8), for_training=True)
     seen = linear_output_dtypes(model)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
     accelerator = make_accelerator("bf16")

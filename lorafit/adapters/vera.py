@@ -15,13 +15,26 @@ B[:out, :]. Per layer only λ_b [out] (starts at 0, so the model starts as the b
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.lora import AdapterLayer, config_dropout, layer_shape, merged_weight
+from lorafit.adapters.base import (
+    AdapterLayer,
+    Method,
+    SavedUpdate,
+    TargetSpec,
+    config_dropout,
+    layer_shape,
+    wrap_module,
+)
+from lorafit.adapters.lora import KEY_PREFIX, group_by_module
+from lorafit.errors import LorafitError
+
+if TYPE_CHECKING:
+    from lorafit.config import LoRAConfig
 
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
@@ -55,16 +68,6 @@ class VeRAProjections(nn.Module):
         return self.vera_A.shape[0]
 
 
-def vera_delta(vera_A: torch.Tensor, vera_B: torch.Tensor, lambda_b: torch.Tensor, lambda_d: torch.Tensor,
-               shape: tuple[int, int]) -> torch.Tensor:
-    """(λ_b ⊙ B[:out]) · (λ_d ⊙ A[:, :in]) as an fp32 [out, in] matrix (``shape`` = (out, in)). Pure:
-    used by VeRALinear.merge and by merging checkpoint files."""
-    out_features, in_features = shape
-    scaled_B = lambda_b.float()[:, None] * vera_B[:out_features].float()  # [out, r]
-    scaled_A = lambda_d.float()[:, None] * vera_A[:, :in_features].float()  # [r, in]
-    return scaled_B @ scaled_A
-
-
 class VeRALinear(AdapterLayer):
     """A frozen linear layer plus VeRA's update; see the module docstring.
 
@@ -93,15 +96,16 @@ class VeRALinear(AdapterLayer):
         down = F.linear(self.lora_dropout(x).to(dtype), A) * self.vera_lambda_d.to(dtype)  # (..., r)
         return result + F.linear(down, B) * self.vera_lambda_b.to(dtype)
 
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW = (λ_b ⊙ B-slice) @ (λ_d ⊙ A-slice): A' [r, in], B' [out, r], fp32."""
+        scaled_A = self.vera_lambda_d.float()[:, None] * self.projections.vera_A[:, : self.in_features].float()
+        scaled_B = self.vera_lambda_b.float()[:, None] * self.projections.vera_B[: self.out_features].float()
+        return scaled_A, scaled_B
+
     def delta_weight(self) -> torch.Tensor:
-        return vera_delta(self.projections.vera_A, self.projections.vera_B, self.vera_lambda_b,
-                          self.vera_lambda_d, (self.out_features, self.in_features))
-
-    def merged_weight_from(self, weight: torch.Tensor) -> torch.Tensor:
-        return merged_weight(weight, self.delta_weight())
-
-    def unmerged_weight_from(self, merged: torch.Tensor) -> torch.Tensor:
-        return merged_weight(merged, -self.delta_weight())
+        """(λ_b ⊙ B[:out]) · (λ_d ⊙ A[:, :in]), fp32, [out, in]."""
+        scaled_A, scaled_B = self.low_rank()
+        return scaled_B @ scaled_A
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
@@ -135,3 +139,60 @@ def projections_for(layers: list[nn.Module], r: int, key: int) -> VeRAProjection
     max_in = max(layer_shape(layer)[1] for layer in layers)
     projections = VeRAProjections.draw(r, max_in, max_out, key)
     return projections.to(layers[0].weight.device)
+
+
+class VeRAMethod(Method):
+    """PEFT's VERA record: per module λ_b / λ_d, and the projections once, at the model level."""
+
+    name, layer, peft_type = "vera", VeRALinear, "VERA"
+
+    def check_config(self, config: dict[str, Any], path: Any) -> None:
+        if not config.get("save_projection", True):
+            raise LorafitError(f"{path}: a VeRA adapter saved without its projections (save_projection: false); "
+                               "lorafit reads VeRA adapters that carry them: re-save it with save_projection=True")
+
+    def read(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], where: Any,
+             parameters: dict[str, Any]) -> dict[str, SavedUpdate]:
+        tensors = dict(tensors)
+        missing = [key for key in PROJECTION_KEYS if key not in tensors]
+        if missing:
+            raise LorafitError(f"{where}: a VeRA adapter needs {', '.join(missing)} (the shared projections)")
+        vera_A, vera_B = (tensors.pop(key) for key in PROJECTION_KEYS)
+        if vera_A.ndim != 2 or vera_B.ndim != 2 or vera_A.shape[0] != vera_B.shape[1]:
+            raise LorafitError(f"{where}: projections vera_A {list(vera_A.shape)} and vera_B {list(vera_B.shape)} "
+                               "do not agree (need [r, in] and [out, r])")
+        projections = VeRAProjections(vera_A, vera_B, config.get("projection_prng_key"))
+        expected = (f"a VeRA adapter holds {KEY_PREFIX}<module>.vera_lambda_b / vera_lambda_d and the projections")
+        parts = group_by_module(tensors, ("vera_lambda_b", "vera_lambda_d"), where, expected)
+        kwargs = {"projections": projections, "d_initial": float(config.get("d_initial", 0.1))}
+        for name, pair in parts.items():
+            if pair["vera_lambda_d"].shape != (vera_A.shape[0],):
+                raise LorafitError(f"{where}: module {name} needs vera_lambda_b [out] and vera_lambda_d "
+                                   f"[{vera_A.shape[0]}] (r from the projections)")
+        return {name: SavedUpdate(self, pair, kwargs) for name, pair in parts.items()}
+
+    def misfit(self, update: SavedUpdate, out_features: int, in_features: int) -> str | None:
+        projections, lambda_b = update.kwargs["projections"], update.tensors["vera_lambda_b"]
+        max_out, max_in = projections.vera_B.shape[0], projections.vera_A.shape[1]
+        if lambda_b.shape[0] == out_features and in_features <= max_in and out_features <= max_out:
+            return None
+        return (f"adapter has vera_lambda_b [{lambda_b.shape[0]}] and projections for layers up to "
+                f"[{max_out}, {max_in}], but the base layer is [{out_features}, {in_features}] (out, in)")
+
+    def wrap(self, model: nn.Module, specs: dict[str, TargetSpec], lora: LoRAConfig) -> None:
+        """VeRA layers share one pair of projections, drawn for the widest targeted input and output."""
+        settings = lora.vera or _defaults()
+        projections = projections_for([model.get_submodule(name) for name in specs], lora.r,
+                                      settings.projection_prng_key)
+        for name in specs:
+            wrap_module(model, name, self.layer, projections=projections, dropout=lora.dropout,
+                        d_initial=settings.d_initial)
+
+
+def _defaults():
+    from lorafit.config import VeRAConfig
+
+    return VeRAConfig()
+
+
+METHOD = VeRAMethod()

@@ -22,11 +22,13 @@ train.gradient_checkpointing on large MoE models to hold one layer's worth at a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from lorafit.lora import AdapterLayer, InitKind, LoRALinear
+from lorafit.adapters.base import AdapterLayer
+from lorafit.adapters.lora import InitKind, LoRALinear
 
 # A fused gate_up_proj holds two projections (gate and up) in one tensor: all-linear gives it twice the rank
 # and alpha (so the same scaling), as PEFT does when it maps the separate gate/up projections onto it.
@@ -168,6 +170,13 @@ def wrap_parameter(model: nn.Module, target: ParamTarget, **lora_kwargs) -> Para
     wrapped.train(base.training)
     setattr(parent, child_name, wrapped)
     return wrapped
+
+
+def wrap_parameters(model: nn.Module, specs: dict[str, Any], lora: Any) -> None:
+    """Wrap the planned MoE parameter targets (path -> targets.TargetSpec with ``parameter``): plain LoRA
+    without dropout, the only method PEFT applies to parameters (targets.check_parameter_settings)."""
+    for spec in specs.values():
+        wrap_parameter(model, spec.parameter, r=spec.r, alpha=spec.alpha, init=spec.init, use_rslora=lora.use_rslora)
 
 
 def named_in_config(model: nn.Module, target_parameters: list[str]) -> list[ParamTarget]:

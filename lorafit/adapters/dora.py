@@ -14,7 +14,7 @@ W + s·B·A every forward to take that norm; a row norm never needs it:
 
 with ‖W‖²_row computed once (W is frozen) and W·Aᵀ = base(A)ᵀ − bias, an [out, r] product that works for a
 4-bit base as it is, without de-quantizing W. Saved in PEFT's format: ``…lora_magnitude_vector`` ([out],
-no ``.weight``) and ``use_dora: true``.
+no ``.weight``) and ``use_dora: true``; read here as LoRA's record plus that vector.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.lora import LoRALinear, is_conv1d, lora_delta
+from lorafit.adapters.base import is_conv1d
+from lorafit.adapters.lora import PARTS, LoRALinear, LoRAMethod
+from lorafit.errors import LorafitError
+
+MAGNITUDE = "lora_magnitude_vector"  # [out]; PEFT saves it without ".weight"
 
 
 def dora_row_norm(weight_sq_norm: torch.Tensor, weight_a: torch.Tensor, lora_A: torch.Tensor,
@@ -35,17 +39,6 @@ def dora_row_norm(weight_sq_norm: torch.Tensor, weight_a: torch.Tensor, lora_A: 
     cross = (weight_a.float() * B).sum(dim=1)          # rowsum((W·Aᵀ) ⊙ B): [out]
     update_sq = ((B @ (A @ A.T)) * B).sum(dim=1)        # ‖(B·A)_row‖²: [out]
     return (weight_sq_norm + 2 * scaling * cross + scaling**2 * update_sq).clamp_min(0).sqrt()
-
-
-def dora_merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                       magnitude: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """m · (W + s·B·A) / ‖W + s·B·A‖_row, computed in fp32 and returned in ``dtype`` (default: W's).
-    Pure: used by DoRALinear.merge and by merging checkpoint files. Refuses non-finite results."""
-    updated = weight.float() + lora_delta(lora_A, lora_B, scaling).to(weight.device)
-    merged = (updated * (magnitude.float().to(weight.device) / updated.norm(dim=1))[:, None]).to(dtype or weight.dtype)
-    if not torch.isfinite(merged).all():
-        raise ValueError(f"merging this DoRA update gives non-finite weights in {merged.dtype}")
-    return merged
 
 
 class DoRALinear(LoRALinear):
@@ -83,23 +76,26 @@ class DoRALinear(LoRALinear):
         bias = getattr(self.base_layer, "bias", None)
         return out if bias is None else out - bias.to(out.dtype)
 
-    def merged_weight_from(self, weight: torch.Tensor) -> torch.Tensor:
-        return dora_merged_weight(weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                                  self.lora_magnitude_vector)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W ← m·(W + s·BA)/‖W + s·BA‖_row. Idempotent; the row factor is kept so unmerge can undo it."""
-        if not self.merged:
-            updated = self._float_base_weight().float() + self.delta_weight()
-            self._merge_factor = self.lora_magnitude_vector.float() / updated.norm(dim=1)  # [out]
-        super().merge()
+    def merged_weight_from(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """m · (W + s·B·A) / ‖W + s·B·A‖_row, computed in fp32, in ``dtype`` (default W's); refuses non-finite
+        results. Keeps the row factor m / ‖·‖_row [out] so ``unmerged_weight_from`` can undo it."""
+        updated = weight.float() + self.delta_weight().to(weight.device)
+        self._merge_factor = self.lora_magnitude_vector.float().to(weight.device) / updated.norm(dim=1)
+        merged = (updated * self._merge_factor[:, None]).to(dtype or weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merging this DoRA update gives non-finite weights in {merged.dtype}")
+        return merged
 
     def unmerged_weight_from(self, merged: torch.Tensor) -> torch.Tensor:
         return (merged.float() / self._merge_factor[:, None] - self.delta_weight()).to(merged.dtype)
 
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise LorafitError("a DoRA adapter rescales each output row of W + ΔW by a learned magnitude, which is "
+                           "not a low-rank update W + B·A: llama.cpp's --lora cannot apply it. Export the full "
+                           "model instead (without --adapter-only)")
+
     def adapter_params(self) -> dict[str, nn.Parameter]:
-        return {**super().adapter_params(), "lora_magnitude_vector": self.lora_magnitude_vector}
+        return {**super().adapter_params(), MAGNITUDE: self.lora_magnitude_vector}
 
     def peft_fields(self) -> dict[str, Any]:
         return {"use_dora": True}
@@ -141,3 +137,23 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     from bitsandbytes.functional import dequantize_4bit
 
     return dequantize_4bit(weight.data, state).float()
+
+
+class DoRAMethod(LoRAMethod):
+    """LoRA's record with ``use_dora: true`` and one more tensor per module."""
+
+    name, layer = "dora", DoRALinear
+    parts = (*PARTS, MAGNITUDE)
+
+    def owns(self, config: dict[str, Any]) -> bool:
+        return config.get("peft_type", "LORA") == "LORA" and bool(config.get("use_dora", False))
+
+    def check_ranks(self, found: dict[str, torch.Tensor], rank: int, experts: int, where: str) -> None:
+        super().check_ranks(found, rank, experts, where)
+        magnitude, B = found[MAGNITUDE], found["lora_B.weight"]
+        if tuple(magnitude.shape) != (B.shape[0],):
+            raise LorafitError(f"{where} has {MAGNITUDE} {list(magnitude.shape)}, which does not agree with lora_B "
+                               f"{list(B.shape)} (one magnitude per output row)")
+
+
+METHOD = DoRAMethod()

@@ -18,15 +18,27 @@ final budget is enforced on it (PEFT's loop examples count from 0 and then never
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.adapters.base import (
+    AdapterLayer,
+    Method,
+    SavedUpdate,
+    TargetSpec,
+    TrainingHooks,
+    config_dropout,
+    wrap_module,
+)
+from lorafit.adapters.lora import KEY_PREFIX, group_by_module
 from lorafit.errors import LorafitError
-from lorafit.lora import AdapterLayer, TrainingHooks, config_dropout, merged_weight
+
+if TYPE_CHECKING:
+    from lorafit.config import LoRAConfig
 
 RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 
@@ -54,17 +66,11 @@ class AdaLoRASettings:
                                f"in {total_step} steps (need tinit < total steps - tfinal); lower them or train longer")
 
 
-def adalora_delta(lora_A: torch.Tensor, lora_E: torch.Tensor, lora_B: torch.Tensor, alpha: float,
-                  ranknum: float) -> torch.Tensor:
-    """B · (A ⊙ E) · alpha / (ranknum + 1e-5) as an fp32 [out, in] matrix. Pure."""
-    return lora_B.float() @ (lora_A.float() * lora_E.float()) * alpha / (ranknum + RANKNUM_EPS)
-
-
 class AdaLoRALinear(AdapterLayer):
     """A frozen linear layer plus AdaLoRA's triplets; see the module docstring. ``r`` is the initial rank."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, settings: AdaLoRASettings,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, kept: torch.Tensor | None = None) -> None:
         super().__init__(base_layer, dropout)
         self.r, self.alpha, self.settings = r, alpha, settings
         device, dtype = base_layer.weight.device, self.adapter_dtype
@@ -74,6 +80,8 @@ class AdaLoRALinear(AdapterLayer):
         # The scaling divides by the initial rank for good, masked triplets or not (as PEFT's ranknum).
         self.ranknum = float(r)
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=device))  # kept triplets
+        if kept is not None:  # a saved adapter's mask (bool [r])
+            self.set_mask(kept.to(device))
 
     adaptive_rank = True
 
@@ -89,13 +97,14 @@ class AdaLoRALinear(AdapterLayer):
         return result + F.linear(down, self.lora_B.to(dtype)) * self.alpha / (self.ranknum + RANKNUM_EPS)
 
     def delta_weight(self) -> torch.Tensor:
-        return adalora_delta(self.lora_A, self.lora_E, self.lora_B, self.alpha, self.ranknum)
+        """B · (A ⊙ E) · alpha / (init_r + 1e-5), fp32, [out, in]."""
+        return self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float()) * self.alpha / (
+            self.ranknum + RANKNUM_EPS)
 
-    def merged_weight_from(self, weight: torch.Tensor) -> torch.Tensor:
-        return merged_weight(weight, self.delta_weight())
-
-    def unmerged_weight_from(self, merged: torch.Tensor) -> torch.Tensor:
-        return merged_weight(merged, -self.delta_weight())
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW over the kept triplets (possibly none): A' = (A ⊙ E)[kept] [k, in], B' = B[:, kept]·scale [out, k]."""
+        keep, scale = self.rank_mask, self.alpha / (self.ranknum + RANKNUM_EPS)
+        return (self.lora_A.float() * self.lora_E.float())[keep], self.lora_B.float()[:, keep] * scale
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_E": self.lora_E, "lora_B": self.lora_B}
@@ -241,3 +250,65 @@ class RankAllocator(TrainingHooks):
 
 
 AdaLoRALinear.training_hooks = RankAllocator
+PARTS = ("lora_A", "lora_E", "lora_B")
+
+
+class AdaLoRAMethod(Method):
+    """PEFT's ADALORA record: the kept triplets per module, their masks in ``rank_pattern``, the schedule."""
+
+    name, layer, peft_type = "adalora", AdaLoRALinear, "ADALORA"
+
+    def read(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], where: Any,
+             parameters: dict[str, Any]) -> dict[str, SavedUpdate]:
+        """``rank_pattern``: ``<path>.lora_E`` -> a bool per initial triplet (absent: all kept)."""
+        expected = f"an AdaLoRA adapter holds {KEY_PREFIX}<module>.lora_A / lora_E / lora_B"
+        parts = group_by_module(tensors, PARTS, where, expected)
+        init_r, pattern = int(config.get("init_r", 12)), config.get("rank_pattern") or {}
+        settings = settings_from(config)
+        updates = {}
+        for name, triplet in parts.items():
+            mask = torch.tensor(pattern.get(f"{name}.lora_E", [True] * init_r), dtype=torch.bool)
+            kept = int(mask.sum())
+            if mask.numel() != init_r or triplet["lora_A"].shape[0] != kept or triplet["lora_E"].shape != (kept, 1) \
+                    or triplet["lora_B"].ndim != 2 or triplet["lora_B"].shape[1] != kept:
+                raise LorafitError(f"{where}: module {name} needs lora_A [k, in], lora_E [k, 1], lora_B [out, k] "
+                                   f"with k = {kept}, the triplets its rank_pattern keeps of init_r = {init_r}")
+            kwargs = {"r": init_r, "alpha": float(config.get("lora_alpha", 8)), "settings": settings, "kept": mask}
+            updates[name] = SavedUpdate(self, triplet, kwargs)
+        return updates
+
+    def misfit(self, update: SavedUpdate, out_features: int, in_features: int) -> str | None:
+        A, B = update.tensors["lora_A"], update.tensors["lora_B"]
+        if A.shape[1] == in_features and B.shape[0] == out_features:
+            return None
+        return (f"adapter has lora_A {list(A.shape)}, lora_B {list(B.shape)}, but the base "
+                f"layer is [{out_features}, {in_features}] (out, in)")
+
+    def plan(self, spec: TargetSpec, lora: LoRAConfig) -> TargetSpec:
+        """lora.r is the rank AdaLoRA prunes to; each layer starts at init_r triplets."""
+        from lorafit.config import AdaLoRAConfig
+
+        return replace(spec, r=(lora.adalora or AdaLoRAConfig()).initial_rank(lora.r))
+
+    def wrap(self, model: nn.Module, specs: dict[str, TargetSpec], lora: LoRAConfig) -> None:
+        """AdaLoRA layers start at init_r triplets and share one schedule, whose total_step the loop fills in."""
+        from lorafit.config import AdaLoRAConfig
+
+        options = lora.adalora or AdaLoRAConfig()
+        settings = AdaLoRASettings(target_r=lora.r, tinit=options.tinit, tfinal=options.tfinal,
+                                   delta_t=options.deltaT, beta1=options.beta1, beta2=options.beta2,
+                                   orth_reg_weight=options.orth_reg_weight)
+        for name, spec in specs.items():
+            wrap_module(model, name, self.layer, r=spec.r, alpha=spec.alpha, settings=settings, dropout=lora.dropout)
+
+
+def settings_from(config: dict[str, Any]) -> AdaLoRASettings:
+    """The schedule an ADALORA adapter_config.json records."""
+    return AdaLoRASettings(target_r=int(config.get("target_r", 8)), tinit=config.get("tinit"),
+                           tfinal=config.get("tfinal"), delta_t=int(config.get("deltaT", 1)),
+                           beta1=float(config.get("beta1", 0.85)), beta2=float(config.get("beta2", 0.85)),
+                           orth_reg_weight=float(config.get("orth_reg_weight", 0.5)),
+                           total_step=config.get("total_step"))
+
+
+METHOD = AdaLoRAMethod()
