@@ -28,9 +28,6 @@ app = typer.Typer(
 console = Console()
 error_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
-VARIANT_NAMES = {"lora": "LoRA", "dora": "DoRA (LoRA + a magnitude per output row)",
-                 "vera": "VeRA (trainable scaling vectors over shared random projections)",
-                 "adalora": "AdaLoRA (SVD-shaped triplets pruned to a budget while training)"}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see configs/).", show_default=False)]
 BaseArg = Annotated[str, typer.Argument(help="Base model: HF folder, hub id, .gguf file or pkg:PACKAGE/FILE.")]
@@ -119,25 +116,24 @@ def plan(
     from lorafit import precision
     from lorafit.config import load_recipe
     from lorafit.device import compute_device
-    from lorafit.inject import inject_lora
-    from lorafit.model import load_base_model
+    from lorafit.model import load_base_model, load_tokenizer
     from lorafit.quant import cpu_4bit_layout
+    from lorafit.train import BatchShape, inject_adapters, resolve_precision, training_data
 
-    loaded = load_recipe(recipe, overrides)
-    chosen = precision.resolve(loaded.model.dtype, loaded.train.precision, loaded.model.quantize)
-    model_cfg = loaded.model.model_copy(update={"dtype": chosen.model_dtype})
+    # The parts of train's prepare that need no optimizer and write nothing (lorafit/train.py).
+    loaded, chosen = resolve_precision(load_recipe(recipe, overrides))
+    device = compute_device()
     start = time.perf_counter()
     with console.status(f"loading {loaded.model.base} ..."):
         # A rank allocation runs forward passes: in the layout training uses, so it gives train's ranks.
-        model = load_base_model(model_cfg, training=loaded.lora.rank_allocation is not None, device=compute_device())
+        model = load_base_model(loaded.model, training=loaded.lora.rank_allocation is not None, device=device)
     load_seconds = time.perf_counter() - start
-    allocation = None
-    if loaded.lora.rank_allocation is not None:
-        allocation = _planned_allocation(model, loaded)
-    report = inject_lora(model, loaded.lora, allocation)
+    # A rank allocation's statistics come from train's first batches, on the device train uses.
+    batches = training_data(loaded, load_tokenizer(loaded.model))[2] if loaded.lora.rank_allocation else None
+    report, allocation = inject_adapters(model, loaded, device, batches, console, show_allocation=False)
     memory = memory_estimate(model, report.trainable, loaded.train.optimizer, loaded.model.quantize)
     console.print(
-        f"base [bold]{loaded.model.base}[/] ({type(model).__name__}, {model_cfg.dtype}, "
+        f"base [bold]{loaded.model.base}[/] ({type(model).__name__}, {loaded.model.dtype}, "
         f"loaded in {load_seconds:.1f}s)\n{_variant_line(loaded.lora)}\n{chosen.describe()}",
         highlight=False,
     )
@@ -150,18 +146,7 @@ def plan(
         console.print(allocation_table(allocation, loaded.lora.rank_allocation))
     console.print(targeting_table(report))
     console.print(memory)
-    console.print(_batch_line(loaded.train, nproc), highlight=False)
-
-
-def _batch_line(train, nproc: int) -> str:
-    """Rows per optimizer step, per process and in all (``train --nproc N`` or any N-process launch)."""
-    per_process = train.micro_batch_size * train.grad_accum
-    if nproc == 1:
-        return (f"batch: micro-batch {train.micro_batch_size} x grad_accum {train.grad_accum} = {per_process} rows "
-                "per step (per process when launched as several: micro_batch_size is per process)")
-    how = "FSDP: weights sharded over the processes" if train.fsdp else "DDP: a full copy per process"
-    return (f"batch over {nproc} processes ({how}): micro-batch {train.micro_batch_size} x grad_accum "
-            f"{train.grad_accum} per process x {nproc} = {per_process * nproc} rows per step")
+    console.print(BatchShape.of(loaded.train, nproc).plan_line(), highlight=False)
 
 
 def _check_output_file(path: Path, option: str) -> None:
@@ -174,34 +159,10 @@ def _check_output_file(path: Path, option: str) -> None:
 
 
 def _variant_line(lora) -> str:
-    """The variant and its settings, as ``plan`` prints them."""
-    from lorafit.config import AdaLoRAConfig
-    from lorafit.lora import lora_scaling
+    """The method and its settings, as ``plan`` prints them (each method's own line: lorafit/adapters)."""
+    from lorafit.adapters import REGISTRY
 
-    if lora.variant == "vera":
-        key = lora.vera.projection_prng_key if lora.vera else 0
-        return (f"{VARIANT_NAMES['vera']} r={lora.r} (shared frozen projections, seed {key}) "
-                f"dropout={lora.dropout:g}")
-    if lora.variant == "adalora":
-        options = lora.adalora or AdaLoRAConfig()
-        return (f"{VARIANT_NAMES['adalora']}: r={options.initial_rank(lora.r)} per layer at start, budget falling "
-                f"to r={lora.r} per layer; alpha={lora.alpha:g} dropout={lora.dropout:g}")
-    scaling = lora_scaling(lora.r, lora.alpha, lora.use_rslora)
-    return (f"{VARIANT_NAMES[lora.variant]} r={lora.r} alpha={lora.alpha:g} scaling={scaling:g}"
-            f"{' (rsLoRA: alpha/sqrt(r))' if lora.use_rslora else ''} dropout={lora.dropout:g}"
-            f"{' (per-module r and alpha below)' if lora.rank_pattern or lora.alpha_pattern else ''}")
-
-
-def _planned_allocation(model, recipe):
-    """The ranks ``lora.rank_allocation`` would give, computed as train computes them (same batches, same
-    device: the model was loaded there)."""
-    from lorafit.eva import allocate_ranks
-    from lorafit.model import load_tokenizer
-    from lorafit.train import training_data
-
-    _, _, batches = training_data(recipe, load_tokenizer(recipe.model))
-    with console.status("allocating ranks (EVA: forward passes over training batches) ..."):
-        return allocate_ranks(model, recipe.lora, batches.get_global)
+    return REGISTRY[lora.variant].describe(lora)
 
 
 @app.command()

@@ -1,9 +1,14 @@
-"""``lorafit train``: the training loop, top to bottom, under accelerate.
+"""``lorafit train``: ``prepare`` a run, then ``fit`` it, under accelerate.
 
-One function (``train``) reads as the run happens: check the output folder, load data (so bad data fails
-before anything is written), load and wrap the model, then step: each step is a phase comment and a call
-(step, log, evaluate, save). Output-folder rules and checkpoints live in ``checkpoint``; what the user
-sees and what is logged (progress, metrics.jsonl, plot, summary) in ``report``.
+``prepare(recipe) -> Run`` does everything before the first step, in the order the user sees it: resolve the
+precision, tidy OUT, load data (so bad data fails before anything is written), load the model and inject the
+adapters, build objective, optimizer and schedule, then resume or start OUT. ``fit(run)`` is the loop: each
+step is a phase comment and a call (step, log, evaluate, save), blind to the adapter variant (its schedule is
+``run.hooks``) and to the objective (``run.objective``: a batch -> its loss). ``lorafit plan`` shares the
+parts that need no optimizer and write nothing: ``resolve_precision``, ``training_data`` (only for a rank
+allocation's batches), ``inject_adapters`` (the model train would build) and ``BatchShape``.
+Output-folder rules and checkpoints live in ``checkpoint``; what the user sees and what is logged (progress,
+metrics.jsonl, plot, summary) in ``report``.
 """
 
 from __future__ import annotations
@@ -15,14 +20,16 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 
 from lorafit import precision
 from lorafit.adapter_io import adapter_content, save_adapter_content
+from lorafit.adapters.base import TrainingHooks
 from lorafit.checkpoint import (
     check_output_dir,
     latest_checkpoint,
@@ -33,7 +40,7 @@ from lorafit.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from lorafit.config import LoRAConfig, Recipe
+from lorafit.config import LoRAConfig, Recipe, TrainConfig
 from lorafit.data import Batches, TokenizedData, split_validation
 from lorafit.device import compute_device
 from lorafit.distributed import (
@@ -51,8 +58,7 @@ from lorafit.errors import LorafitError
 from lorafit.eva import RankAllocation, allocate_ranks
 from lorafit.examples import PackedRows
 from lorafit.files import FolderLock
-from lorafit.inject import adapters_to_float32, inject_lora, lora_modules, training_hooks
-from lorafit.lora import TrainingHooks
+from lorafit.inject import InjectionReport, inject_lora, lora_modules, training_hooks
 from lorafit.loss import TokenLoss, evaluate_loss_sums, trained_positions
 from lorafit.model import DTYPES, compile_layers, load_base_model, load_tokenizer
 from lorafit.report import (
@@ -87,166 +93,270 @@ def train(recipe: Recipe, resume: str | None = None, console: Console | None = N
     main = processes.is_main_process
     try:
         with FolderLock(out) if main else contextlib.nullcontext():
-            return _train(recipe, resume, (console or Console()) if main else Console(quiet=True), main, device)
+            console = (console or Console()) if main else Console(quiet=True)
+            return fit(prepare(recipe, resume, console, main=main, device=device))
     finally:
         end_process_group()  # also on errors: no process exits with live communication threads
 
 
-def _train(recipe: Recipe, resume: str | None, console: Console, main: bool, device: torch.device) -> RunSummary:
+@dataclass
+class Run:
+    """A prepared run: everything ``fit`` needs, built by ``prepare``. Every process holds one; ``main``
+    says whether this one writes OUT."""
+
+    recipe: Recipe  # resolved: ``auto`` dtypes replaced by what this machine runs (as OUT/recipe.yaml records)
+    out: Path
+    main: bool
+    console: Console  # quiet in every process but the main one
+    accelerator: Any
+    tokenizer: Any
+    train_data: TokenizedData | None  # None: a stream (data.streaming)
+    eval_data: TokenizedData | None
+    batches: Batches | StreamBatches  # this process's share of each global micro-batch
+    model: torch.nn.Module  # the base with adapters injected (unwrapped)
+    report: InjectionReport
+    allocation: RankAllocation | None  # lora.rank_allocation's ranks
+    objective: torch.nn.Module  # a batch -> its summed loss; what accelerate (DDP) or FSDP wrapped
+    optimizer: Any
+    scheduler: Any
+    params: list[torch.nn.Parameter]  # the trainable ones (as the optimizer holds them), for clipping
+    hooks: TrainingHooks  # the variant's loop hooks (AdaLoRA's schedule), no-ops for most
+    total_steps: int
+    steps_per_epoch: int | None  # None: a stream, whose length is unknown
+    parallelism: str  # how the processes share a step (the summary's "processes" row)
+    checkpoint: Path | None  # the checkpoint resumed from
+    started: float  # time.perf_counter() when preparing began
+    start_step: int = 0  # the last step already done (the checkpoint's)
+    trackers: Trackers | None = None
+    metrics: MetricsLog = field(default_factory=lambda: MetricsLog(None, None))
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.recipe.train
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def step(self, step: int) -> StepResult:
+        """Optimizer step number ``step`` (1-based): see ``train_step``."""
+        return train_step(self.objective, self.batches, step, self.cfg, self.accelerator, self.optimizer,
+                          self.scheduler, self.params, self.hooks)
+
+    def epoch(self, step: int) -> float | None:
+        return step / self.steps_per_epoch if self.steps_per_epoch else None
+
+    def eval_due(self, step: int) -> bool:
+        """Evaluate every eval_every steps and at the end (when there is eval data)."""
+        every = self.cfg.eval_every
+        return self.eval_data is not None and (step == self.total_steps or bool(every and step % every == 0))
+
+    def evaluate(self) -> float:
+        """Eval loss per trained token over the whole eval set, in training's precision.
+
+        Each process scores every world-th example, in as many batches as every other process (a sharded
+        model gathers weights in each forward, a collective); the sums give the whole set's loss."""
+        examples, size = self.eval_data.examples, self.cfg.micro_batch_size
+        rounds = math.ceil(math.ceil(len(examples) / self.world) / size)
+        with self.accelerator.autocast():  # the same precision as training
+            total, count = evaluate_loss_sums(self.accelerator.unwrap_model(self.objective),
+                                              examples[self.rank::self.world], size, self.tokenizer.pad_token_id,
+                                              self.device, rounds, filler=examples[0])
+        total, count = sum_across([total, count], self.device)
+        return total / max(count, 1)
+
+    def save(self, step: int) -> Path:
+        """OUT/checkpoints/step-NNNNNN after ``step`` steps (every process calls it; the main one writes)."""
+        return save_checkpoint(self.out, step, self.model, self.optimizer, self.scheduler, self.hooks, self.recipe,
+                               self.cfg.keep_last, self.main, objective=self.objective,
+                               data_state=self.batches.state_dict(step * self.cfg.grad_accum))
+
+
+def prepare(recipe: Recipe, resume: str | None = None, console: Console | None = None, *, main: bool = True,
+            device: torch.device | None = None) -> Run:
+    """Everything before the first step (``resume`` as in ``train``). Every process calls it; only ``main``
+    touches OUT, whose lock the caller holds. ``device``: default lorafit.device's rule."""
     started = time.perf_counter()
-    plan = precision.resolve(recipe.model.dtype, recipe.train.precision, recipe.model.quantize)
-    # From here on the recipe says what runs on this machine (auto resolved); OUT/recipe.yaml records it.
-    recipe = resolved_recipe(recipe, plan)
-    cfg = recipe.train
-    out = Path(recipe.output.dir)
+    console = console or Console()
+    recipe, chosen = resolve_precision(recipe)  # from here on the recipe says what runs on this machine
+    cfg, out = recipe.train, Path(recipe.output.dir)
     checkpoint, stale = prepare_output(out, recipe.output.overwrite, resume) if main else (None, [])
     checkpoint = from_main(checkpoint)  # the main process tidied OUT; every process resumes from its choice
-    accelerator = make_accelerator(plan.mixed_precision, device)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    console.print(plan.describe(), highlight=False)
-    warning = precision.emulated_bf16_warning(plan)
+    accelerator = make_accelerator(chosen.mixed_precision, device)
+    console.print(chosen.describe(), highlight=False)
+    warning = precision.emulated_bf16_warning(chosen)
     if warning:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
     # Data first: a bad file must fail before anything lands in OUT or a model loads for nothing.
     tokenizer = load_tokenizer(recipe.model)
+    rank, world = accelerator.process_index, accelerator.num_processes
     train_data, eval_data, batches = training_data(recipe, tokenizer, rank, world, console)
     report_data(console, train_data, eval_data, recipe.data.train)
-    sharded = cfg.fsdp and world > 1
-    parallelism = (f"{world} processes ({accelerator.distributed_type.value}, "
-                   f"{'FSDP: weights sharded' if sharded else 'DDP: a full copy each'}): micro-batch "
-                   f"{cfg.micro_batch_size} per process x grad_accum {cfg.grad_accum} x {world} = global batch "
-                   f"{cfg.micro_batch_size * cfg.grad_accum * world} rows per step")
-    if world > 1:
-        console.print(parallelism, highlight=False)
-    elif cfg.fsdp:
-        console.print("train.fsdp: one process, so nothing to shard; training unsharded", highlight=False)
+    parallelism = show_parallelism(console, BatchShape.of(cfg, world), accelerator.distributed_type.value)
 
     torch.manual_seed(cfg.seed)  # LoRA A init, dropout
     random.seed(cfg.seed)
     model = load_base_model(recipe.model, training=True, device=accelerator.device)
-    allocation = rank_allocation(model, recipe.lora, batches, accelerator.device, out if checkpoint else None, console)
-    report = inject_lora(model, recipe.lora, allocation)
-    adapters_to_float32(model)
-    if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing recomputes inside autograd, so LoRA weights get gradients even
-        # though no input to a checkpointed block requires grad.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.compile:
-        count = compile_layers(model, accelerator.device)
-        console.print(f"compiling {count} decoder layers: the first step (and the first eval) will be slow")
+    report, allocation = inject_adapters(model, recipe, accelerator.device, batches, console,
+                                         resumed_out=out if checkpoint else None, for_training=True)
+    ready_for_training(model, cfg, accelerator.device, console)
     console.print(targeting_table(report))
 
-    steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum) if batches.per_epoch else None  # None: a stream
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    # The objective (model + loss) is what DDP or FSDP wraps, not the bare model: see loss.TokenLoss.
-    objective = TokenLoss(model)
-    if sharded:  # before the optimizer: sharding replaces the parameters
-        shard(objective, model, accelerator.device, None if plan.model_dtype == "float32" else DTYPES[plan.model_dtype])
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
-    scheduler = make_scheduler(cfg.scheduler, optimizer, cfg.warmup_steps, total_steps)
-    # The scheduler stays ours: accelerate's would step once per process per step (it assumes a dataloader
-    # it sharded). A sharded objective is not given to accelerate, which would wrap it in DDP as well.
-    if sharded:
-        optimizer = accelerator.prepare(optimizer)
-    else:
-        objective, optimizer = accelerator.prepare(objective, optimizer)
-    hooks = training_hooks(model, total_steps)
+    total_steps, steps_per_epoch = step_count(cfg, batches)
+    objective, optimizer, scheduler, params = optimization(model, recipe, accelerator, total_steps)
+    run = Run(recipe=recipe, out=out, main=main, console=console, accelerator=accelerator, tokenizer=tokenizer,
+              train_data=train_data, eval_data=eval_data, batches=batches, model=model, report=report,
+              allocation=allocation, objective=objective, optimizer=optimizer, scheduler=scheduler, params=params,
+              hooks=training_hooks(model, total_steps), total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+              parallelism=parallelism, checkpoint=checkpoint, started=started)
+    run.start_step = resume_or_start(run, stale)
+    run.trackers, run.metrics = run_logs(run)
+    return run
 
-    start_step = 0
-    if checkpoint is not None:
-        start_step = restore_checkpoint(checkpoint, model, optimizer, scheduler, hooks, objective=objective,
-                                        data=batches)
-        if main:
-            truncate_metrics(out / "metrics.jsonl", start_step)
-        console.print(f"resumed from {checkpoint} at step {start_step}")
-    elif main:
-        # Only now, with data and model loaded fine, is the previous run (output.overwrite) removed.
-        for path in stale:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
-        if allocation is not None:
-            save_allocation(out, allocation, recipe.lora.rank_allocation)
 
-    trackers = None
-    if main and cfg.report_to:
-        trackers = Trackers(cfg.report_to, out, flat_params(recipe.model_dump(mode="json")),
-                            start_step if checkpoint is not None else None)
-    metrics = MetricsLog(out / "metrics.jsonl" if main else None, trackers)
-
-    def eval_now() -> float:
-        # Each process scores every world-th example, in as many batches as every other process (a sharded
-        # model gathers weights in each forward, a collective); the sums give the whole set's loss.
-        rounds = math.ceil(math.ceil(len(eval_data.examples) / world) / cfg.micro_batch_size)
-        with accelerator.autocast():  # the same precision as training
-            total, count = evaluate_loss_sums(accelerator.unwrap_model(objective), eval_data.examples[rank::world],
-                                              cfg.micro_batch_size, tokenizer.pad_token_id, accelerator.device, rounds,
-                                              filler=eval_data.examples[0])
-        total, count = sum_across([total, count], accelerator.device)
-        return total / max(count, 1)
-
-    base_eval_loss = None
-    if eval_data is not None and start_step == 0:
-        # B = 0, so this is exactly the base model: the number the adapter has to beat.
-        base_eval_loss = eval_now()
-        metrics.write({"event": "eval", "step": 0, "eval_loss": base_eval_loss})
-        console.print(f"step 0 (base model) eval loss {base_eval_loss:.4f}")
-
-    stop = StopRequest()
-    done = StepResult.none()
-    eval_loss = None
-    with stop, make_progress(console, total_steps, start_step, world) as progress, closing(trackers):
-        for step in range(start_step + 1, total_steps + 1):
+def fit(run: Run) -> RunSummary:
+    """The loop, from ``run.start_step`` to ``run.total_steps``; then the adapter, the plots and the summary."""
+    cfg = run.cfg
+    base_eval_loss = evaluate_base(run)
+    stop, done, eval_loss = StopRequest(), StepResult.none(), None
+    with stop, make_progress(run.console, run.total_steps, run.start_step, run.world) as progress, \
+            closing(run.trackers):
+        for step in range(run.start_step + 1, run.total_steps + 1):
             # Ctrl-C (in any process): the previous step is complete, so checkpoint it and stop.
-            if any_across(stop.requested, accelerator.device):
-                path = save_checkpoint(out, step - 1, model, optimizer, scheduler, hooks, recipe, cfg.keep_last,
-                                       main, objective=objective,
-                                       data_state=batches.state_dict((step - 1) * cfg.grad_accum))
+            if any_across(stop.requested, run.device):
+                path = run.save(step - 1)
                 raise LorafitError(f"interrupted after step {step - 1}; checkpoint saved to {path}. "
                                    f"Continue with: lorafit train RECIPE --resume")
             # Step: forward/backward over grad_accum micro-batches, clip, optimizer and schedule.
-            result = train_step(objective, batches, step, cfg, accelerator, optimizer, scheduler, params, hooks)
+            result = run.step(step)
             if not math.isfinite(result.loss):
-                raise non_finite_loss(result.loss, step, out)
+                raise non_finite_loss(result.loss, step, run.out)
             done = done.plus(result)
             # Log: metrics.jsonl every log_every steps and at the end; the progress bar every step.
-            if step % cfg.log_every == 0 or step == total_steps:
-                epoch = step / steps_per_epoch if steps_per_epoch else None
-                metrics.write({"event": "train", "step": step, **result.record(), "epoch": epoch})
+            if step % cfg.log_every == 0 or step == run.total_steps:
+                run.metrics.write({"event": "train", "step": step, **result.record(), "epoch": run.epoch(step)})
             progress.update(progress.tasks[0].id, completed=step, loss=result.loss, lr=result.lr,
                             tps=result.tokens / result.seconds)
             # Evaluate: every eval_every steps and at the end.
-            if eval_data is not None and (step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                eval_loss = eval_now()
-                metrics.write({"event": "eval", "step": step, "eval_loss": eval_loss})
+            if run.eval_due(step):
+                eval_loss = run.evaluate()
+                run.metrics.write({"event": "eval", "step": step, "eval_loss": eval_loss})
                 progress.console.print(f"step {step} eval loss {eval_loss:.4f}")
             # Save: every save_every steps (the end writes the final adapter instead).
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_checkpoint(out, step, model, optimizer, scheduler, hooks, recipe, cfg.keep_last, main,
-                                objective=objective, data_state=batches.state_dict(step * cfg.grad_accum))
+            if cfg.save_every and step % cfg.save_every == 0 and step < run.total_steps:
+                run.save(step)
+    return finish(run, done, base_eval_loss, eval_loss)
 
-    if isinstance(batches, StreamBatches):
-        console.print(batches.describe(), highlight=False)
-    adapter_dir = out / "adapter"
-    ranks = chosen_ranks(model, allocation)
-    adapter = adapter_content(model, recipe.model.base)  # every process: gathered from the shards with FSDP
-    if main:
+
+def evaluate_base(run: Run) -> float | None:
+    """A fresh run's step-0 eval loss: B = 0, so exactly the base model's — the number the adapter has to beat."""
+    if run.eval_data is None or run.start_step != 0:
+        return None
+    loss = run.evaluate()
+    run.metrics.write({"event": "eval", "step": 0, "eval_loss": loss})
+    run.console.print(f"step 0 (base model) eval loss {loss:.4f}")
+    return loss
+
+
+def finish(run: Run, done: StepResult, base_eval_loss: float | None, eval_loss: float | None) -> RunSummary:
+    """Write OUT/adapter and the plots (main process), wait for every process, and sum the run up."""
+    if isinstance(run.batches, StreamBatches):
+        run.console.print(run.batches.describe(), highlight=False)
+    adapter_dir = run.out / "adapter"
+    ranks = chosen_ranks(run.model, run.allocation)
+    adapter = adapter_content(run.model, run.recipe.model.base)  # every process: gathered from the shards with FSDP
+    if run.main:
         save_adapter_content(adapter_dir, adapter)
-        plot_losses(out / "metrics.jsonl", out / "loss.png")
+        plot_losses(run.out / "metrics.jsonl", run.out / "loss.png")
         if ranks is not None:
-            plot_ranks(ranks, out / "ranks.png", f"rank per module: {sum(ranks.values())} in all "
-                                                  f"({'EVA allocation' if allocation else 'kept after pruning'})")
-    accelerator.wait_for_everyone()  # no process reports success before the files are written
+            how = "EVA allocation" if run.allocation else "kept after pruning"
+            plot_ranks(ranks, run.out / "ranks.png", f"rank per module: {sum(ranks.values())} in all ({how})")
+    run.accelerator.wait_for_everyone()  # no process reports success before the files are written
     return RunSummary(
-        adapter_dir=adapter_dir, steps=total_steps, train_loss=done.loss, eval_loss=eval_loss,
-        base_eval_loss=base_eval_loss, wall_seconds=time.perf_counter() - started,
+        adapter_dir=adapter_dir, steps=run.total_steps, train_loss=done.loss, eval_loss=eval_loss,
+        base_eval_loss=base_eval_loss, wall_seconds=time.perf_counter() - run.started,
         tokens_per_second=done.tokens / done.seconds if done.seconds else 0.0,
-        peak_memory_bytes=peak_memory(accelerator.device), report=report,
-        train_data=train_data, eval_data=eval_data, ranks=ranks, main_process=main, world_size=world,
-        parallelism=parallelism,
+        peak_memory_bytes=peak_memory(run.device), report=run.report,
+        train_data=run.train_data, eval_data=run.eval_data, ranks=ranks, main_process=run.main,
+        world_size=run.world, parallelism=run.parallelism,
     )
+
+
+def resolve_precision(recipe: Recipe) -> tuple[Recipe, precision.PrecisionPlan]:
+    """This machine's precision for the recipe (lorafit.precision), and the recipe with it filled in."""
+    chosen = precision.resolve(recipe.model.dtype, recipe.train.precision, recipe.model.quantize)
+    return resolved_recipe(recipe, chosen), chosen
+
+
+def resolved_recipe(recipe: Recipe, plan: precision.PrecisionPlan) -> Recipe:
+    """The recipe with ``auto`` dtypes replaced by what this machine runs."""
+    model = recipe.model.model_copy(update={"dtype": plan.model_dtype})
+    train = recipe.train.model_copy(update={"precision": plan.precision})
+    return recipe.model_copy(update={"model": model, "train": train})
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """Rows per optimizer step: micro_batch_size (per process) x grad_accum x processes. ``train`` reports it
+    for the processes it runs as, ``plan --nproc N`` for N."""
+
+    micro_batch_size: int
+    grad_accum: int
+    processes: int
+    fsdp: bool
+
+    @staticmethod
+    def of(cfg: TrainConfig, processes: int) -> BatchShape:
+        return BatchShape(cfg.micro_batch_size, cfg.grad_accum, processes, cfg.fsdp)
+
+    @property
+    def per_process(self) -> int:
+        return self.micro_batch_size * self.grad_accum
+
+    @property
+    def rows(self) -> int:
+        return self.per_process * self.processes
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP shards only over several processes; one process trains unsharded whatever train.fsdp says."""
+        return self.fsdp and self.processes > 1
+
+    def run_line(self, backend: str) -> str:
+        """``train``'s line for a launched run; ``backend``: accelerate's distributed type (MULTI_GPU, ...)."""
+        how = "FSDP: weights sharded" if self.sharded else "DDP: a full copy each"
+        return (f"{self.processes} processes ({backend}, {how}): micro-batch {self.micro_batch_size} per process "
+                f"x grad_accum {self.grad_accum} x {self.processes} = global batch {self.rows} rows per step")
+
+    def plan_line(self) -> str:
+        """``plan``'s line: one process, or ``--nproc N``."""
+        m, g = self.micro_batch_size, self.grad_accum
+        if self.processes == 1:
+            return (f"batch: micro-batch {m} x grad_accum {g} = {self.per_process} rows "
+                    "per step (per process when launched as several: micro_batch_size is per process)")
+        how = "FSDP: weights sharded over the processes" if self.fsdp else "DDP: a full copy per process"
+        return (f"batch over {self.processes} processes ({how}): micro-batch {m} x grad_accum "
+                f"{g} per process x {self.processes} = {self.rows} rows per step")
+
+
+def show_parallelism(console: Console, shape: BatchShape, backend: str) -> str:
+    """Print how the processes share a step (nothing for one process, unless train.fsdp asks for sharding);
+    return the line either way, for the run summary."""
+    line = shape.run_line(backend)
+    if shape.processes > 1:
+        console.print(line, highlight=False)
+    elif shape.fsdp:
+        console.print("train.fsdp: one process, so nothing to shard; training unsharded", highlight=False)
+    return line
 
 
 def training_data(recipe: Recipe, tokenizer, rank: int = 0, world: int = 1, console: Console | None = None
@@ -271,10 +381,23 @@ def training_data(recipe: Recipe, tokenizer, rank: int = 0, world: int = 1, cons
     return train_data, eval_data, batches
 
 
+def inject_adapters(model: torch.nn.Module, recipe: Recipe, device: torch.device,
+                    batches: Batches | StreamBatches | None, console: Console, *, resumed_out: Path | None = None,
+                    show_allocation: bool = True, for_training: bool = False
+                    ) -> tuple[InjectionReport, RankAllocation | None]:
+    """Wrap the recipe's targets in ``model`` (on ``device``), at the ranks ``lora.rank_allocation`` gives
+    when set (see ``rank_allocation``; ``batches`` may be None without one). ``train`` and ``plan`` both
+    build their model here, so plan shows the ranks and counts train would train. ``for_training``: fp32
+    adapter weights (the optimizer's master copy), whatever the base dtype."""
+    allocation = rank_allocation(model, recipe.lora, batches, device, resumed_out, console, show=show_allocation)
+    return inject_lora(model, recipe.lora, allocation, for_training=for_training), allocation
+
+
 def rank_allocation(model, lora: LoRAConfig, batches: Batches, device: torch.device, resumed_out: Path | None,
-                    console: Console) -> RankAllocation | None:
-    """``lora.rank_allocation``'s per-layer ranks: computed on the first training batches, or, when resuming
-    the run in ``resumed_out``, read back from it (the weights then come from the checkpoint)."""
+                    console: Console, show: bool = True) -> RankAllocation | None:
+    """``lora.rank_allocation``'s per-layer ranks: computed on the first training batches (their table
+    printed when ``show``), or, when resuming the run in ``resumed_out``, read back from it (the weights then
+    come from the checkpoint)."""
     if lora.rank_allocation is None:
         return None
     if resumed_out is not None:
@@ -283,8 +406,78 @@ def rank_allocation(model, lora: LoRAConfig, batches: Batches, device: torch.dev
     with console.status("allocating ranks (EVA: forward passes over training batches) ..."):
         # Whole global micro-batches: every process computes the same allocation (same layers everywhere).
         allocation = allocate_ranks(model, lora, batches.get_global)
-    console.print(allocation_table(allocation, lora.rank_allocation))
+    if show:
+        console.print(allocation_table(allocation, lora.rank_allocation))
     return allocation
+
+
+def ready_for_training(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, console: Console) -> None:
+    """Gradient checkpointing and compilation, as the recipe asks."""
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing recomputes inside autograd, so LoRA weights get gradients even
+        # though no input to a checkpointed block requires grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        count = compile_layers(model, device)
+        console.print(f"compiling {count} decoder layers: the first step (and the first eval) will be slow")
+
+
+def step_count(cfg: TrainConfig, batches: Batches | StreamBatches) -> tuple[int, int | None]:
+    """(optimizer steps in all, steps per epoch); per epoch is None for a stream, which needs max_steps."""
+    steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum) if batches.per_epoch else None
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch)), steps_per_epoch
+
+
+def optimization(model: torch.nn.Module, recipe: Recipe, accelerator, total_steps: int
+                 ) -> tuple[torch.nn.Module, Any, Any, list[torch.nn.Parameter]]:
+    """(objective, optimizer, scheduler, trainable params), the objective and optimizer as accelerate (DDP)
+    or FSDP wrapped them. The objective — model + loss, a batch -> its summed loss — is what DDP or FSDP
+    wraps, not the bare model: see loss.TokenLoss."""
+    cfg, dtype = recipe.train, recipe.model.dtype
+    sharded = BatchShape.of(cfg, accelerator.num_processes).sharded
+    objective = TokenLoss(model)
+    if sharded:  # before the optimizer: sharding replaces the parameters
+        shard(objective, model, accelerator.device, None if dtype == "float32" else DTYPES[dtype])
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+    scheduler = make_scheduler(cfg.scheduler, optimizer, cfg.warmup_steps, total_steps)
+    # The scheduler stays ours: accelerate's would step once per process per step (it assumes a dataloader
+    # it sharded). A sharded objective is not given to accelerate, which would wrap it in DDP as well.
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        objective, optimizer = accelerator.prepare(objective, optimizer)
+    return objective, optimizer, scheduler, params
+
+
+def resume_or_start(run: Run, stale: list[Path]) -> int:
+    """Restore ``run.checkpoint`` (every process) and return its step; or, for a fresh run, start OUT (main
+    process: remove the previous run, write recipe.yaml and the rank allocation) and return 0."""
+    if run.checkpoint is not None:
+        start_step = restore_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.hooks,
+                                        objective=run.objective, data=run.batches)
+        if run.main:
+            truncate_metrics(run.out / "metrics.jsonl", start_step)
+        run.console.print(f"resumed from {run.checkpoint} at step {start_step}")
+        return start_step
+    if run.main:
+        # Only now, with data and model loaded fine, is the previous run (output.overwrite) removed.
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "recipe.yaml").write_text(run.recipe.to_yaml())
+        if run.allocation is not None:
+            save_allocation(run.out, run.allocation, run.recipe.lora.rank_allocation)
+    return 0
+
+
+def run_logs(run: Run) -> tuple[Trackers | None, MetricsLog]:
+    """The trackers of train.report_to and OUT/metrics.jsonl (main process; the others log nothing)."""
+    trackers = None
+    if run.main and run.cfg.report_to:
+        trackers = Trackers(run.cfg.report_to, run.out, flat_params(run.recipe.model_dump(mode="json")),
+                            run.start_step if run.checkpoint is not None else None)
+    return trackers, MetricsLog(run.out / "metrics.jsonl" if run.main else None, trackers)
 
 
 def chosen_ranks(model, allocation: RankAllocation | None) -> dict[str, int] | None:
@@ -347,13 +540,6 @@ def non_finite_loss(loss: float, step: int, out: Path) -> LorafitError:
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
     return LorafitError(f"loss became {loss} at step {step}; stopping ({kept}). "
                         "Lower train.lr or raise warmup_steps (with fp16, prefer bf16).")
-
-
-def resolved_recipe(recipe: Recipe, plan: precision.PrecisionPlan) -> Recipe:
-    """The recipe with ``auto`` dtypes replaced by what this machine runs."""
-    model = recipe.model.model_copy(update={"dtype": plan.model_dtype})
-    train = recipe.train.model_copy(update={"precision": plan.precision})
-    return recipe.model_copy(update={"model": model, "train": train})
 
 
 def make_accelerator(mixed_precision: str, device: torch.device | None = None):

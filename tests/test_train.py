@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorafit.adapters.base import TrainingHooks
+from lorafit.adapters.lora import LoRALinear
 from lorafit.config import DataConfig, LoRAConfig, load_recipe
 from lorafit.data import collate, tokenize_rows
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_lora, lora_modules
-from lorafit.lora import LoRALinear, TrainingHooks
 from lorafit.loss import TokenLoss
 from lorafit.train import accumulate_gradients, make_accelerator
 from lorafit.train import train as run_training
@@ -269,3 +270,33 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_kill(run_dir, monkeypatch):
     metrics.write_text(metrics.read_text() + '{"event": "train", "step": 4, "lo')  # a kill mid-write
     run_training(recipe_at(run_dir, out="resumed"), resume="latest")
     assert losses(run_dir / "resumed") == losses(run_dir / "straight")
+
+
+def test_prepare_builds_the_run_and_fit_runs_it_as_train_does(run_dir):
+    """prepare does everything before step 1 (OUT started, nothing stepped or logged); run.save writes a
+    checkpoint; fit is the loop. Together they are train: the same losses, bit for bit (same code and inputs)."""
+    from lorafit.train import fit, prepare
+
+    run_training(recipe_at(run_dir, "train.max_steps=2", out="trained"))
+    run = prepare(recipe_at(run_dir, "train.max_steps=2"))
+    out = run_dir / "out"
+    assert (run.start_step, run.total_steps, run.checkpoint, run.world) == (0, 2, None, 1)
+    assert sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]
+    assert run.save(0) == out / "checkpoints" / "step-000000" and (out / "checkpoints" / "step-000000").is_dir()
+    summary = fit(run)
+    assert summary.steps == 2 and summary.adapter_dir == out / "adapter"
+    assert losses(out) == losses(run_dir / "trained")
+
+
+def test_one_batch_rule_for_train_and_plan():
+    from lorafit.config import TrainConfig
+    from lorafit.train import BatchShape
+
+    four = BatchShape.of(TrainConfig(micro_batch_size=4, grad_accum=2, fsdp=True), 4)
+    assert (four.per_process, four.rows, four.sharded) == (8, 32, True)
+    assert four.run_line("MULTI_GPU") == ("4 processes (MULTI_GPU, FSDP: weights sharded): micro-batch 4 per process "
+                                          "x grad_accum 2 x 4 = global batch 32 rows per step")
+    assert four.plan_line().endswith("micro-batch 4 x grad_accum 2 per process x 4 = 32 rows per step")
+    one = BatchShape.of(TrainConfig(micro_batch_size=4, grad_accum=2, fsdp=True), 1)
+    assert (one.rows, one.sharded) == (8, False)  # one process: nothing to shard
+    assert one.plan_line().startswith("batch: micro-batch 4 x grad_accum 2 = 8 rows per step")
