@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from lorafit.adapters import REGISTRY
-from lorafit.adapters.recipes import BASE_INITS, MUTATES_BASE, AdaLoRAConfig, VeRAConfig
+from lorafit.adapters.recipes import BASE_INITS, INIT_NAMES, MUTATES_BASE, AdaLoRAConfig, VeRAConfig
 from lorafit.errors import LorafitError
 from lorafit.files import local_paths
 
@@ -130,7 +130,7 @@ class _LoRAFields(_Section):
     # kaiming (PEFT's default) | gaussian: A random, B zero. pissa | olora | loftq: from the base weight
     # (lorafit/adapters/init.py); init_iter: pissa's fast-SVD iterations (PEFT's pissa_niter_N; null: full
     # SVD), loftq's loftq_iter (null: 1).
-    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq"] = "kaiming"
+    init: Literal[INIT_NAMES] = "kaiming"  # type: ignore[valid-type]
     init_iter: int | None = Field(None, ge=1)
     variant: MethodName = "lora"  # the adapter method, one of the registry's (lorafit/adapters/)
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r (rank-stabilized LoRA)

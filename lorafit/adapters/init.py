@@ -20,6 +20,7 @@ rebuilds W' exactly (see ``take_saved``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from lorafit.errors import LorafitError
 LoRALinear = Any
 
 __all__ = ["BASE_INITS", "MUTATES_BASE", "initialise_from_base", "loftq", "olora", "pissa"]
+
+Init = Callable[[torch.Tensor, int, float, "int | None"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()
@@ -55,6 +58,13 @@ def olora(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, t
     Q, R = torch.linalg.qr(weight)
     lora_A, lora_B = R[:r].contiguous(), Q[:, :r].contiguous()
     return lora_A, lora_B, weight - scaling * lora_B @ lora_A
+
+
+# The inits that rewrite W: (W, r, scaling, init_iter) -> (A, B, W').
+MUTATING: dict[str, Init] = {
+    "pissa": pissa,
+    "olora": lambda weight, r, scaling, _: olora(weight, r, scaling),
+}
 
 
 def residual_low_rank(residual: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +102,7 @@ def initialise_from_base(layer: LoRALinear, init: str, init_iter: int | None,
         lora_A, lora_B = _loftq_over_4bit(layer, original, init_iter)
     else:
         weight = _float_weight(layer, init)
-        lora_A, lora_B, residual = (pissa(weight, layer.r, layer.scaling, init_iter) if init == "pissa"
-                                    else olora(weight, layer.r, layer.scaling))
+        lora_A, lora_B, residual = MUTATING[init](weight, layer.r, layer.scaling, init_iter)
         layer._float_base_weight().copy_(residual)  # rounds to the base dtype once, as PEFT's cast does
         layer.initial_A, layer.initial_B = lora_A.clone(), lora_B.clone()
     layer.lora_A.weight.data = lora_A.contiguous()

@@ -39,13 +39,13 @@ class AdaLoRAConfig(_Block):
 
 # lora.init values that start from the base weight (lorafit/adapters/init.py; the others: A random, B zero), and
 # those of them that change W, so the adapter is saved against the original base as a rank-2r LoRA.
-BASE_INITS = ("pissa", "olora", "loftq")
-MUTATES_BASE = ("pissa", "olora")
-_INIT_LINES = {
+BASE_INITS = {  # name -> plan's words
     "pissa": "A, B from W's top-r singular vectors, base W - s·B·A",
     "olora": "A, B from W = Q·R (first r), base W - s·B·A",
     "loftq": "B·A fits W - Q(W), what 4-bit quantization loses; starts at Q(W) + s·B·A, W at alpha = r",
 }
+MUTATES_BASE = ("pissa", "olora")
+INIT_NAMES = ("kaiming", "gaussian", *BASE_INITS)  # lora.init's values
 
 
 def describe_init(lora: Any) -> str:
@@ -56,7 +56,7 @@ def describe_init(lora: Any) -> str:
         return f" init={lora.init}"
     fast = {"pissa": f" (fast SVD, {lora.init_iter} iterations)", "loftq": f" ({lora.init_iter} iteration)"}
     saved = "; saved as a rank-2r LoRA of the original base" if lora.init in MUTATES_BASE else ""
-    return f" init={lora.init}{fast[lora.init] if lora.init_iter else ''}: {_INIT_LINES[lora.init]}{saved}"
+    return f" init={lora.init}{fast[lora.init] if lora.init_iter else ''}: {BASE_INITS[lora.init]}{saved}"
 
 
 # What VeRA and AdaLoRA set their own way (ranks, scaling, init): a recipe that sets these with them is refused.
