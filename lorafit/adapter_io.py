@@ -25,6 +25,7 @@ from lorafit.adapters import PEFT_TYPES, REGISTRY, method_of_record
 from lorafit.adapters.base import AdapterLayer, SavedUpdate, is_conv1d, layer_shape, wrap_module
 from lorafit.adapters.experts import ParamLoRA, ParamTarget, named_in_config, saved_paths, target_path, wrap_parameter
 from lorafit.adapters.lora import KEY_PREFIX
+from lorafit.adapters.saved_modules import load_saved_modules, saved_modules, saved_tensors, split_saved
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
 from lorafit.inject import lora_modules, set_trainable
@@ -34,7 +35,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # PEFT options that change the math; an adapter using any of them is refused instead of loaded wrong.
 _UNSUPPORTED = {
     "lora_bias": False,
-    "modules_to_save": None,
     "layer_replication": None,
     "trainable_token_indices": None,
     "use_qalora": False,
@@ -70,7 +70,9 @@ def adapter_content(model: nn.Module, base_model_name: str | None = None) -> Ada
         for part, tensor in module.saved_tensors().items()
     }
     tensors.update({key: t.detach().contiguous().cpu() for key, t in layer.shared_tensors(modules).items()})
-    return tensors, adapter_config(modules, base_model_name)
+    tensors.update({key: full(t).detach().contiguous().cpu() for key, t in saved_tensors(model).items()})
+    config = {**adapter_config(modules, base_model_name), "modules_to_save": sorted(saved_modules(model)) or None}
+    return tensors, config
 
 
 def write_adapter_files(model: nn.Module, folder: Path, base_model_name: str | None = None) -> None:
@@ -132,6 +134,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     wrapped = lora_modules(model)
     for name, found in per_module.items():
         wrapped[name].load_saved(found.tensors)
+    load_saved_modules(model, read_saved_modules(adapter_dir), adapter_dir)
     if trainable:
         set_trainable(model)
     else:
@@ -149,8 +152,15 @@ def read_adapter(adapter_dir: str | Path, model: nn.Module | None = None) -> dic
         raise LorafitError(f"{adapter_dir}: this adapter updates MoE expert parameters (target_parameters in "
                            f"{CONFIG_NAME}); lorafit reads it together with its base model (merge, eval, generate "
                            "do), not on its own")
+    tensors = split_saved(tensors, config.get("modules_to_save"))[1]
     return method_of_record(config).read(tensors, config, adapter_dir / WEIGHTS_NAME,
                                          _saved_parameter_paths(model, config))
+
+
+def read_saved_modules(adapter_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter's modules_to_save: module path -> its saved state dict (empty without any)."""
+    adapter_dir = Path(adapter_dir)
+    return split_saved(_read_weights(adapter_dir), read_adapter_config(adapter_dir).get("modules_to_save"))[0]
 
 
 def _saved_parameter_paths(model: nn.Module | None, config: dict[str, Any]) -> dict[str, ParamTarget]:
@@ -276,3 +286,46 @@ def restore_adapter_weights(model: nn.Module, folder: Path) -> None:
                                    "resume with the recipe that wrote it")
             saved[part] = tensors[key]
         module.load_saved(saved)
+    for name, module in saved_modules(model).items():  # lora.modules_to_save's copies
+        module.trained.load_state_dict(split_saved(tensors, [name])[0][name])
+
+
+def start_from_adapter(model: nn.Module, folder: str | Path) -> None:
+    """``lora.init_from``: copy a saved adapter's weights (lorafit's or PEFT's) into the layers the recipe injected,
+    once the recipe is seen to describe that adapter — same method, modules, ranks, scaling and shared tensors —
+    so that training continues exactly from it. Anything else is one error listing what differs."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    updates, layers = read_adapter(folder, model), lora_modules(model)
+    problems = [f"module {name}: the recipe adapts it, the adapter does not" for name in layers if name not in updates]
+    problems += [f"module {name}: the adapter adapts it, the recipe does not" for name in updates if name not in layers]
+    for name in layers.keys() & updates.keys():
+        problems += _start_misfits(name, layers[name], updates[name])
+    if not problems:
+        layer = type(next(iter(layers.values())))
+        saved = _read_weights(folder)
+        problems += [f"{key} differs from the recipe's (VeRA: lora.vera.projection_prng_key)"
+                     for key, tensor in layer.shared_tensors(layers).items()
+                     if key not in saved or not torch.equal(saved[key], tensor.detach().cpu())]
+    if problems:
+        shown = sorted(problems)[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise LorafitError(f"lora.init_from: adapter {folder} (peft_type {config.get('peft_type', 'LORA')}) is not "
+                           "the adapter this recipe's lora block describes; set lora.variant, r, alpha, "
+                           "target_modules (and layers, patterns) as that adapter was trained:\n"
+                           + "\n".join(f"  {p}" for p in shown))
+    for name, layer in layers.items():
+        layer.load_saved(updates[name].tensors)
+
+
+def _start_misfits(name: str, ours: AdapterLayer, found: SavedUpdate) -> list[str]:
+    if type(ours) is not found.method.layer:
+        return [f"module {name}: the adapter is {found.method.name}, the recipe's lora.variant builds "
+                f"{type(ours).__name__}"]
+    problems = [f"module {name}: {key} is {found.kwargs[key]} in the adapter, {getattr(ours, key)} in the recipe"
+                for key in ("r", "alpha", "use_rslora", "d_initial")
+                if key in found.kwargs and hasattr(ours, key) and float(found.kwargs[key]) != float(getattr(ours, key))]
+    shapes = {part: tuple(t.shape) for part, t in ours.saved_tensors().items()}
+    theirs = {part: tuple(t.shape) for part, t in found.tensors.items()}
+    if not problems and shapes != theirs:
+        problems.append(f"module {name}: tensors {theirs} in the adapter, {shapes} in the recipe")
+    return problems

@@ -113,7 +113,8 @@ def plan(
     """Load the base model, inject LoRA as the recipe says, and show what would train. Writes nothing.
 
     Loads (and runs a rank allocation's statistics pass) where train would: a CUDA GPU when there is one."""
-    from lorafit import precision
+    from lorafit import loraplus, precision
+    from lorafit.adapters import saved_modules
     from lorafit.config import load_recipe
     from lorafit.device import compute_device
     from lorafit.model import load_base_model, load_tokenizer
@@ -147,6 +148,9 @@ def plan(
     console.print(targeting_table(report))
     console.print(memory)
     console.print(BatchShape.of(loaded.train, nproc).plan_line(), highlight=False)
+    for line in (saved_modules.describe(model), loraplus.describe(model, loaded.train)):
+        if line:
+            console.print(line, highlight=False)
 
 
 def _check_output_file(path: Path, option: str) -> None:
@@ -255,7 +259,9 @@ def eval_command(
     data_format: Annotated[DataFormat, typer.Option("--format", help="Format of the data rows.")] = (
         "prompt_completion"
     ),
-    metrics: Annotated[list[str] | None, typer.Option("--metric", help="loss and/or exact_match (repeat).")] = None,
+    metrics: Annotated[list[str] | None, typer.Option(
+        "--metric", help="loss and/or exact_match (repeat). On preference data loss also gives preference "
+        "accuracy and margin.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length for exact_match.", min=1)] = 32,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N examples.", min=1)] = None,
     dtype: Annotated[ModelDType, typer.Option(help="Base model dtype.")] = "float32",

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from lorafit import loraplus
 from lorafit.adapters import REGISTRY
 from lorafit.adapters.recipes import BASE_INITS, INIT_NAMES, MUTATES_BASE, AdaLoRAConfig, VeRAConfig
 from lorafit.errors import LorafitError
@@ -62,7 +63,8 @@ class _Section(BaseModel):
 # Choices the command line offers too (typer reads these Literals), typed once here.
 ModelDType = Literal["auto", "float32", "bfloat16", "float16"]
 WeightsDType = Literal["float32", "bfloat16", "float16"]
-DataFormat = Literal["text", "alpaca", "chat", "prompt_completion"]
+DataFormat = Literal["text", "alpaca", "chat", "prompt_completion", "preference"]
+Objective = Literal["sft", "dpo", "orpo"]
 
 
 class ModelConfig(_Section):
@@ -139,6 +141,13 @@ class _LoRAFields(_Section):
     rank_pattern: dict[PatternKey, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     alpha_pattern: dict[PatternKey, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     rank_allocation: RankAllocationConfig | None = None
+    # Whole modules trained as full copies beside the adapter, e.g. [lm_head] (PEFT's modules_to_save: a module
+    # matches when its path ends with an entry; lorafit/adapters/saved_modules.py).
+    modules_to_save: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    # Start from this adapter's weights (a folder with adapter_config.json, e.g. an SFT run's OUT/adapter) instead
+    # of a fresh initialisation; the lora block must describe that adapter (variant, r, alpha, targets). With
+    # train.objective: dpo the reference is base + this adapter, frozen.
+    init_from: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _settings_fit_the_variant(self) -> _LoRAFields:
@@ -223,6 +232,8 @@ class TrainConfig(_Section):
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    # LoRA+ (lorafit/loraplus.py): lora_B's learning rate = this x lr (PEFT's create_loraplus_optimizer); null: off.
+    loraplus_lr_ratio: float | None = Field(None, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
@@ -234,6 +245,10 @@ class TrainConfig(_Section):
     # Also send the metrics to these trackers (optional extras; local/offline unless configured otherwise).
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
     seed: int = 0
+    # What the adapter learns: sft (next-token cross-entropy on the answers), or from data.format: preference pairs
+    # dpo (Rafailov et al. 2023; reference = the starting model) or orpo (Hong et al. 2024; no reference).
+    objective: Objective = "sft"
+    beta: float = Field(0.1, gt=0)  # dpo: beta (how far from the reference); orpo: lambda (weight of the odds term)
     eval_every: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
@@ -269,7 +284,8 @@ class Recipe(_Section):
     def inputs(self) -> dict[str, Path]:
         """The local files and folders this recipe reads, by the name a message should use for them."""
         return local_paths({"the recipe you passed": self._source, "data.train": self.data.train,
-                            "data.eval": self.data.eval, "model.base": self.model.base})
+                            "data.eval": self.data.eval, "model.base": self.model.base,
+                            "lora.init_from": self.lora.init_from})
 
     @model_validator(mode="after")
     def _compile_needs_full_precision_base(self) -> Recipe:
@@ -292,6 +308,11 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
+    def _loraplus_fits_the_variant(self) -> Recipe:
+        loraplus.check(self.lora.variant, self.train.loraplus_lr_ratio)
+        return self
+
+    @model_validator(mode="after")
     def _a_stream_has_no_length(self) -> Recipe:
         if self.data.streaming and self.train.epochs is not None:
             raise ValueError("data.streaming: a stream's length is unknown, so train.epochs cannot be counted; set "
@@ -302,6 +323,30 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
+    def _objective_fits_the_data(self) -> Recipe:
+        objective, data = self.train.objective, self.data
+        if objective != "sft" and data.format != "preference":
+            raise ValueError(f"train.objective: {objective} trains on pairs of a better and a worse answer, but "
+                             f"data.format is {data.format!r}; set data.format: preference (rows prompt/chosen/"
+                             "rejected), or train.objective: sft")
+        if objective == "sft" and data.format == "preference":
+            raise ValueError("data.format: preference needs a preference objective, but train.objective is sft; set "
+                             "train.objective: dpo (or orpo), or give SFT data (e.g. format: prompt_completion)")
+        if data.format == "preference":
+            blockers = [(data.streaming, "data.streaming"), (data.packing, "data.packing"),
+                        (data.val_fraction is not None, "data.val_fraction (give data.eval)"),
+                        (data.train_on_inputs, "data.train_on_inputs"),
+                        (self.lora.rank_allocation is not None, "lora.rank_allocation")]
+            found = [what for blocked, what in blockers if blocked]
+            if found:
+                raise ValueError(f"data.format: preference does not support {', '.join(found)} yet; remove "
+                                 f"{'it' if len(found) == 1 else 'them'}")
+        if self.lora.init_from is not None and (self.lora.init in BASE_INITS or self.lora.rank_allocation):
+            raise ValueError(f"lora.init_from starts from a trained adapter's weights, so lora.init: "
+                             f"{self.lora.init} / lora.rank_allocation have nothing to do; remove them")
+        return self
+
+    @model_validator(mode="after")
     def _fsdp_shards_what_it_can(self) -> Recipe:
         if not self.train.fsdp:
             return self
@@ -309,6 +354,7 @@ class Recipe(_Section):
                     (not REGISTRY[self.lora.variant].fsdp, f"lora.variant: {self.lora.variant}"),
                     (self.train.compile, "train.compile"),
                     (self.lora.init in MUTATES_BASE, f"lora.init: {self.lora.init}"),
+                    (self.lora.modules_to_save, "lora.modules_to_save"),
                     (self.train.precision == "fp16", "train.precision: fp16 (use bf16)"),
                     (self.train.optimizer != "adamw", f"train.optimizer: {self.train.optimizer} (use adamw)")]
         found = [what for blocked, what in blockers if blocked]
@@ -611,6 +657,16 @@ def _resolve_paths(recipe: Recipe, recipe_path: Path) -> list[str]:
                             f"{recipe_path.parent or '.'} and in the working directory); fix the path")
         else:
             setattr(data, key, str(found))
+    start = recipe.lora.init_from
+    if start is not None:
+        found = _find_local(start, recipe_path)
+        if found is None or not (found / "adapter_config.json").is_file():
+            problems.append(f"{recipe_path}  lora.init_from: {shown(start)} is not an adapter folder (no "
+                            f"adapter_config.json; looked in {recipe_path.parent or '.'} and in the working "
+                            "directory); train that adapter first (e.g. lorafit train configs/quickstart.yaml) or "
+                            "fix the path")
+        else:
+            recipe.lora.init_from = str(found)
     base = recipe.model.base
     if base.startswith("pkg:"):
         try:

@@ -29,10 +29,12 @@ from lorafit.files import local_paths
 from lorafit.inject import remove_lora
 from lorafit.loss import evaluate_loss
 from lorafit.model import load_base_model, load_tokenizer
+from lorafit.preference import Pair, tokenize_preference_rows
+from lorafit.preference_train import score_pairs
 from lorafit.token_cache import load_tokenized
 
 METRICS = ("loss", "exact_match")
-FORMATS = ("text", "alpaca", "chat", "prompt_completion")
+FORMATS = ("text", "alpaca", "chat", "prompt_completion", "preference")
 
 
 @dataclass
@@ -42,6 +44,10 @@ class EvalResult:
     perplexity: float | None
     exact_match: float | None
     n: int
+    # preference data (lorafit/preference_train.py score_pairs): the share of pairs whose chosen answer has the
+    # higher log-prob, and the mean log-prob margin chosen − rejected (nats); loss is then the chosen answers' NLL
+    preference_accuracy: float | None = None
+    preference_margin: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -52,6 +58,7 @@ class EvalTask:
     """What to evaluate on, prepared once and reused for the base and every adapter."""
 
     tokenized: TokenizedData | None          # for loss
+    pairs: list[Pair] | None                  # for loss and the preference metrics (preference data)
     prompts: list[list[int]] | None           # for exact_match
     references: list[str] | None
     micro_batch_size: int
@@ -124,6 +131,8 @@ def prepare_task(tokenizer, data_path: str, data_format: str, metrics: list[str]
     if rows == [] or (rows is None and not next(iter_rows(data_path), None)):
         raise LorafitError(f"{data_path}: no rows to evaluate (the file holds no examples); give a data file with "
                            f"at least one {data_format} row")
+    if data_format == "preference":
+        return preference_task(tokenizer, data_path, metrics, max_seq_len, limit, micro_batch_size, max_new_tokens)
     tokenized = prompts = references = None
     if "loss" in metrics:
         config = DataConfig(train=data_path, format=data_format, max_seq_len=max_seq_len)
@@ -137,13 +146,28 @@ def prepare_task(tokenizer, data_path: str, data_format: str, metrics: list[str]
         pairs = [generation_example(row, data_format, tokenizer, row_location(data_path, i))
                  for i, row in enumerate(rows)]
         prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
-    return EvalTask(tokenized, prompts, references, micro_batch_size, max_new_tokens)
+    return EvalTask(tokenized, None, prompts, references, micro_batch_size, max_new_tokens)
+
+
+def preference_task(tokenizer, data_path: str, metrics: list[str], max_seq_len: int, limit: int | None,
+                    micro_batch_size: int, max_new_tokens: int) -> EvalTask:
+    """Preference rows: ``loss`` scores the pairs (chosen NLL, accuracy, margin); ``exact_match`` generates from
+    each prompt and compares with the chosen answer."""
+    rows = load_rows(data_path)[:limit]
+    pairs = tokenize_preference_rows(rows, tokenizer, max_seq_len, data_path).pairs
+    references = [row["chosen"] if isinstance(row["chosen"], str) else row["chosen"][-1]["content"] for row in rows]
+    exact = "exact_match" in metrics
+    return EvalTask(None, pairs if "loss" in metrics else None, [p["prompt_ids"] for p in pairs] if exact else None,
+                    references if exact else None, micro_batch_size, max_new_tokens)
 
 
 def evaluate_model(model, tokenizer, task: EvalTask, name: str) -> EvalResult:
     device = next(model.parameters()).device
-    loss = exact = None
+    loss = exact = accuracy = margin = None
     n = 0
+    if task.pairs is not None:
+        loss, accuracy, margin = score_pairs(model, task.pairs, task.micro_batch_size, tokenizer.pad_token_id, device)
+        n = len(task.pairs)
     if task.tokenized is not None:
         loss = evaluate_loss(model, task.tokenized, task.micro_batch_size, tokenizer.pad_token_id, device)
         n = len(task.tokenized.examples)
@@ -151,7 +175,7 @@ def evaluate_model(model, tokenizer, task: EvalTask, name: str) -> EvalResult:
         answers = greedy_answers(model, tokenizer, task.prompts, task.max_new_tokens, task.micro_batch_size)
         exact = sum(a.strip() == r.strip() for a, r in zip(answers, task.references)) / len(answers)
         n = len(answers)
-    return EvalResult(name, loss, math.exp(loss) if loss is not None else None, exact, n)
+    return EvalResult(name, loss, math.exp(loss) if loss is not None else None, exact, n, accuracy, margin)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from lorafit.adapter_io import read_adapter_config
 from lorafit.errors import LorafitError
 from lorafit.files import local_paths, refuse_overlap, write_failure, write_text_atomic
 from lorafit.gguf_check import check_llama_cpp_loadable
@@ -150,6 +151,10 @@ def export_gguf(base: str, adapter_dir: str | Path, out: str | Path, kind: str =
             raise LorafitError(f"{path} exists; pass --overwrite to replace it, or choose another OUT")
     config = _config(base_folder(base))  # the architecture first: Llama family only (no Conv1D, no MoE)
     updates, folder, weight_files, _ = adapter_and_base(base, adapter_dir, out)
+    if saved := read_adapter_config(adapter_dir).get("modules_to_save"):
+        raise LorafitError(f"{adapter_dir} trains whole modules ({', '.join(saved)}: lora.modules_to_save), which "
+                           "export does not write yet; lorafit merge it, then convert the merged folder with "
+                           "llama.cpp's convert_hf_to_gguf.py")
     tokenizer = _tokenizer(folder)
     if adapter_only:
         result = _export_adapter(updates, weight_files, config, adapter_dir, out, kind)

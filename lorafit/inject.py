@@ -11,6 +11,7 @@ from torch import nn
 from lorafit.adapters import method
 from lorafit.adapters.base import AdapterLayer, TrainingHooks
 from lorafit.adapters.experts import ParamLoRA, target_path, wrap_parameters
+from lorafit.adapters.saved_modules import saved_modules, unwrap_saved, wrap_saved
 from lorafit.config import LoRAConfig
 from lorafit.targets import Refinement, plan_targets
 
@@ -46,6 +47,7 @@ def inject_lora(model: nn.Module, lora: LoRAConfig, allocation: Refinement | Non
     parameters = {name: spec for name, spec in specs.items() if spec.parameter is not None}
     method(lora.variant).wrap(model, {name: spec for name, spec in specs.items() if name not in parameters}, lora)
     wrap_parameters(model, parameters, lora)
+    wrap_saved(model, lora.modules_to_save)
     set_trainable(model)
     if for_training:
         adapters_to_float32(model)
@@ -62,6 +64,7 @@ def remove_lora(model: nn.Module, unmerge: bool = True) -> None:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, module.base_layer)
+    unwrap_saved(model, trained=not unmerge)  # lora.modules_to_save: the trained copies, merged or not
 
 
 def lora_modules(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -77,11 +80,14 @@ def training_hooks(model: nn.Module, total_steps: int) -> TrainingHooks:
 
 
 def set_trainable(model: nn.Module) -> None:
-    """The one place trainability is decided: adapter parameters train, nothing else does."""
+    """The one place trainability is decided: adapter parameters and lora.modules_to_save's copies train,
+    nothing else does."""
     model.requires_grad_(False)
     for module in lora_modules(model).values():
         for param in module.adapter_params().values():
             param.requires_grad_(True)
+    for module in saved_modules(model).values():
+        module.trained.requires_grad_(True)
 
 
 def adapters_to_float32(model: nn.Module) -> None:
@@ -89,6 +95,8 @@ def adapters_to_float32(model: nn.Module) -> None:
     for module in lora_modules(model).values():
         for param in module.adapter_params().values():
             param.data = param.data.float()
+    for module in saved_modules(model).values():
+        module.trained.float()
 
 
 def injection_report(model: nn.Module) -> InjectionReport:

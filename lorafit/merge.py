@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lorafit.adapter_io import SavedUpdate, misfit_error, read_adapter, read_adapter_config
+from lorafit.adapter_io import SavedUpdate, misfit_error, read_adapter, read_adapter_config, read_saved_modules
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir, local_paths, refuse_overlap, replace_lock, tidy_after_kill, write_failure
@@ -77,18 +77,25 @@ def _merge_locked(base: str, adapter_dir: Path, out: Path, dtype: str, shard_byt
     refuse_remote_code(folder, base, trust_remote_code)
 
     target_dtype = DTYPES[dtype]
+    # lora.modules_to_save: these base tensors are replaced by the adapter's trained copies.
+    replaced = {f"{path}.{k}": v for path, state in read_saved_modules(adapter_dir).items() for k, v in state.items()}
     with atomic_dir(out, "the merged model") as tmp:
         writer = ShardWriter(tmp, shard_bytes)
         for path in weight_files:
             for key, tensor in load_file(path).items():  # one input shard in memory at a time
                 module = key.removesuffix(".weight")
-                if key.endswith(".weight") and module in transposed:  # Conv1D: [in, out]
+                if key in replaced:
+                    tensor = replaced.pop(key).to(target_dtype if tensor.is_floating_point() else tensor.dtype)
+                elif key.endswith(".weight") and module in transposed:  # Conv1D: [in, out]
                     tensor = merged_or_refused(updates[module], tensor.T, target_dtype, module, adapter_dir).T
                 elif key.endswith(".weight") and module in updates:
                     tensor = merged_or_refused(updates[module], tensor, target_dtype, module, adapter_dir)
                 elif tensor.is_floating_point():
                     tensor = tensor.to(target_dtype)
                 writer.add(key, tensor)
+        if replaced:
+            raise LorafitError(f"{adapter_dir}: modules_to_save tensors {sorted(replaced)[:3]} have no tensor of that "
+                               "name in the base checkpoint (a tied head?); nothing was written")
         shards = writer.finish()
         copy_model_files(folder, tmp, dtype)
         diff, floor = (verify_merge(tmp, base, adapter_dir, target_dtype, trust_remote_code) if verify

@@ -18,7 +18,7 @@ from lorafit import precision
 from lorafit.config import ModelConfig, locate_package_file
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
-from lorafit.quant import keep_unquantized_in_fp32, quantization_config, set_cpu_4bit_layout
+from lorafit.quant import compute_residual_in_fp32, quantization_config, set_cpu_4bit_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -144,7 +144,7 @@ def load_base_model(model_cfg: ModelConfig, training: bool = False,
     )
     model.requires_grad_(False)
     if model_cfg.quantize:
-        keep_unquantized_in_fp32(model)
+        compute_residual_in_fp32(model)
         release_freed_memory()
         set_cpu_4bit_layout(model, training)
     else:

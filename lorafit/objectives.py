@@ -196,7 +196,9 @@ class ORPOObjective(nn.Module):
         counts = answer_tokens(batch["labels"])
         chosen_sum, _ = split_pairs(logps)
         chosen_count, _ = split_pairs(counts)
-        chosen_avg, rejected_avg = split_pairs(logps / counts.clamp(min=1))
+        # A row with no scored token (a padding share, which weighs nothing in its step) gets a finite stand-in:
+        # an average log-prob of 0 would make the odds infinite and the (zero-weighted) loss NaN.
+        chosen_avg, rejected_avg = split_pairs(torch.where(counts > 0, logps / counts.clamp(min=1), -1.0))
         nll = -chosen_sum.sum() / chosen_count.sum().clamp(min=1)
         ratio, log_odds = orpo_odds_ratio(chosen_avg, rejected_avg)
         loss = nll - self.lam * ratio.mean()

@@ -60,6 +60,12 @@ class PreferenceData:
     source: str
     rows: int
     truncated: int = 0  # pairs with at least one answer cut at max_seq_len
+    skipped: int = 0  # never: a bad pair is an error (the run summary reads it as for SFT data)
+
+    @property
+    def examples(self) -> list[Pair]:
+        """The pairs, under the name the run summary reads for SFT data."""
+        return self.pairs
 
     @property
     def trained_tokens(self) -> int:

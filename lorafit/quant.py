@@ -6,6 +6,7 @@ so plain runs never pay for it.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +36,115 @@ def quantization_config(quantize: str, quant_type: str, double_quant: bool, comp
     )
 
 
-def keep_unquantized_in_fp32(model: torch.nn.Module) -> None:
-    """k-bit training preparation: what stays unquantized (norms, embeddings, head) is held in fp32, so
-    the small corrections LoRA learns are not drowned by 16-bit rounding of those layers (PEFT's
-    prepare_model_for_kbit_training does the same)."""
-    for param in model.parameters():
-        if param.dtype in (torch.float16, torch.bfloat16):
-            param.data = param.data.float()
+def compute_residual_in_fp32(model: torch.nn.Module) -> None:
+    """k-bit training preparation: the residual stream, and so every norm, computes in fp32, so the small
+    corrections LoRA learns are not drowned by 16-bit rounding there (what PEFT's
+    prepare_model_for_kbit_training gets by casting norms, embeddings and head to fp32).
+
+    The weights that stay unquantized keep the dtype they were loaded in: an fp32 copy of a bf16-loaded
+    weight holds the same values at twice the memory (a 1B Llama's embeddings and head: 0.8 GB instead of
+    0.4). The input embedding's output is cast to fp32 instead, which makes the residual stream fp32 from
+    the first layer on, and a norm's 16-bit weight times an fp32 hidden state computes in fp32 by type
+    promotion: the same numbers as fp32 weights give. The output head takes its input in its own dtype where
+    autocast does not already cast it (under autocast it computes in the compute dtype either way).
+    """
+    model.get_input_embeddings().register_forward_hook(_output_to_fp32)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.dtype != torch.float32:
+        head.register_forward_pre_hook(_input_to_weight_dtype)
+
+
+def _output_to_fp32(module: torch.nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    return output.float()
+
+
+def _input_to_weight_dtype(module: torch.nn.Module, args):
+    hidden = args[0]
+    if torch.is_autocast_enabled(hidden.device.type) or hidden.dtype == module.weight.dtype:
+        return None
+    return (hidden.to(module.weight.dtype), *args[1:])
+
+
+def trains_fused(layer: torch.nn.Module) -> bool:
+    """Whether LoRA over this base layer runs as ``lora_over_4bit``: a bitsandbytes 4-bit layer in the layout it
+    trains with (not repacked for the CPU inference kernel, which training turns off: ``set_cpu_4bit_layout``)."""
+    state = getattr(getattr(layer, "weight", None), "quant_state", None)
+    return (state is not None and hasattr(layer, "compute_dtype")
+            and not getattr(layer, "support_avx512bf16_for_cpu", False)
+            and not getattr(state, "packing_format_for_cpu", False))
+
+
+def lora_over_4bit(layer: torch.nn.Module, x: torch.Tensor, dropout: torch.nn.Module, lora_A: torch.Tensor,
+                   lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W·x + scaling·B·A·dropout(x) over a 4-bit ``layer``, in its compute dtype; x: (..., in) -> (..., out).
+
+    What backward keeps is what a bf16 LoRA layer keeps: the LoRA input in the compute dtype (one copy shared
+    by the projections that read the same input: ``cast_once``) and A·x (N, r). The 4-bit weight is
+    de-quantized again in backward, as bitsandbytes does, never kept. The output is in the compute dtype,
+    like a bf16 layer's, not upcast to an fp32 input's dtype: downstream activations (attention, the MLP's
+    elementwise ops) stay 16-bit; the residual stream, which adds this output, stays fp32.
+    """
+    dtype = layer.compute_dtype or x.dtype
+    flat = cast_once(x, dtype).reshape(-1, layer.in_features)  # (N, in)
+    lora_in = dropout(flat)
+    out = _FourBitLoRA.apply(flat, lora_in, lora_A, lora_B, layer, scaling)  # (N, out)
+    return out.view(*x.shape[:-1], layer.out_features)
+
+
+_last_cast: tuple[weakref.ref, int, torch.Tensor] | None = None
+
+
+def cast_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, reusing the previous call's copy when ``x`` is the same, unchanged tensor: q, k and v
+    (gate and up) read one input, and each would otherwise keep its own 16-bit copy for backward."""
+    global _last_cast
+    if x.dtype == dtype:
+        return x
+    if _last_cast is not None:
+        source, version, cast = _last_cast
+        if source() is x and x._version == version and cast.dtype == dtype:
+            return cast
+    cast = x.to(dtype)
+    _last_cast = (weakref.ref(x), x._version, cast)
+    return cast
+
+
+class _FourBitLoRA(torch.autograd.Function):
+    """out = W·x (+ bias) + s·(lora_in·Aᵀ)·Bᵀ in the compute dtype; saves lora_in and lora_in·Aᵀ only."""
+
+    @staticmethod
+    def forward(ctx, x, lora_in, lora_A, lora_B, layer, scaling):
+        import bitsandbytes as bnb  # loaded already: the model has 4-bit layers
+
+        dtype = x.dtype
+        out = bnb.matmul_4bit(x, layer.weight, quant_state=layer.weight.quant_state)  # (N, out), no grad here
+        if layer.bias is not None:
+            out += layer.bias.to(dtype)
+        down = lora_in @ lora_A.to(dtype).T  # (N, r)
+        out.addmm_(down, lora_B.to(dtype).T, alpha=scaling)
+        ctx.save_for_backward(lora_in, down, lora_A, lora_B)
+        ctx.layer, ctx.scaling = layer, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from bitsandbytes.functional import dequantize_4bit
+
+        lora_in, down, lora_A, lora_B = ctx.saved_tensors
+        needs_x, needs_in, needs_A, needs_B = ctx.needs_input_grad[:4]
+        grad = grad.to(down.dtype)
+        grad_down = (grad @ lora_B.to(grad.dtype)).mul_(ctx.scaling)  # (N, r)
+        grad_x = grad_in = grad_A = grad_B = None
+        if needs_x:
+            weight = ctx.layer.weight
+            grad_x = grad @ dequantize_4bit(weight.data, weight.quant_state).to(grad.dtype)  # (N, in)
+        if needs_in:
+            grad_in = grad_down @ lora_A.to(grad.dtype)
+        if needs_A:
+            grad_A = (grad_down.T @ lora_in).to(lora_A.dtype)  # [r, in]
+        if needs_B:
+            grad_B = (grad.T @ down).mul_(ctx.scaling).to(lora_B.dtype)  # [out, r]
+        return grad_x, grad_in, grad_A, grad_B, None, None
 
 
 @dataclass(frozen=True)

@@ -178,11 +178,17 @@ def plot_ranks(ranks: dict[str, int], png_path: Path, title: str) -> None:
 def eval_table(results: list[EvalResult]) -> Table:
     """Base first, then each adapter, with its change against the base."""
     base = results[0]
+    pairs = base.preference_accuracy is not None  # preference data: accuracy and margin columns too
     table = Table(title="evaluation", title_justify="left")
-    for column in ("model", "loss", "Δ loss", "perplexity", "exact match", "Δ exact", "n"):
+    columns = ("model", "loss", "Δ loss", "perplexity", "exact match", "Δ exact",
+               *(("pref. accuracy", "Δ pref.", "margin") if pairs else ()), "n")
+    for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
     for result in results:
         is_base = result is base
+        preference = (f"{result.preference_accuracy:.1%}",
+                      "" if is_base else _delta(result.preference_accuracy, base.preference_accuracy, percent=True),
+                      f"{result.preference_margin:+.3f}") if pairs else ()
         table.add_row(
             result.name,
             _num(result.loss),
@@ -190,6 +196,7 @@ def eval_table(results: list[EvalResult]) -> Table:
             _num(result.perplexity, "{:.3f}"),
             "-" if result.exact_match is None else f"{result.exact_match:.1%}",
             "" if is_base else _delta(result.exact_match, base.exact_match, percent=True),
+            *preference,
             str(result.n),
         )
     return table
@@ -239,10 +246,11 @@ def make_progress(console: Console, total: int, completed: int, world_size: int 
     label = "[bold]train" + (f" x{world_size} processes" if world_size > 1 else "")
     progress = Progress(
         TextColumn(label), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
+        TextColumn("loss {task.fields[loss]:.4f}{task.fields[extra]}  lr {task.fields[lr]:.2e}  "
+                   "{task.fields[tps]:.0f} tok/s"),
         TimeRemainingColumn(), console=console, transient=False,
     )
-    progress.add_task("train", total=total, completed=completed, loss=float("nan"), lr=0.0, tps=0.0)
+    progress.add_task("train", total=total, completed=completed, loss=float("nan"), lr=0.0, tps=0.0, extra="")
     return progress
 
 

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from lorafit import precision
-from lorafit.adapter_io import adapter_content, save_adapter_content
+from lorafit import loraplus, precision
+from lorafit.adapter_io import adapter_content, save_adapter_content, start_from_adapter
 from lorafit.adapters.base import TrainingHooks
 from lorafit.checkpoint import (
     check_output_dir,
@@ -61,6 +61,14 @@ from lorafit.files import FolderLock
 from lorafit.inject import InjectionReport, inject_lora, lora_modules, training_hooks
 from lorafit.loss import TokenLoss, evaluate_loss_sums, trained_positions
 from lorafit.model import DTYPES, compile_layers, load_base_model, load_tokenizer
+from lorafit.preference_train import (
+    PairBatches,
+    eval_rounds,
+    evaluate_pair_sums,
+    load_pair_sets,
+    pair_count,
+    pair_objective,
+)
 from lorafit.report import (
     MetricsLog,
     RunSummary,
@@ -159,11 +167,14 @@ class Run:
         every = self.cfg.eval_every
         return self.eval_data is not None and (step == self.total_steps or bool(every and step % every == 0))
 
-    def evaluate(self) -> float:
-        """Eval loss per trained token over the whole eval set, in training's precision.
+    def evaluate(self) -> tuple[float, dict[str, float]]:
+        """Eval loss per trained token over the whole eval set, in training's precision (a pair objective: its
+        loss per pair, and its other metrics by name).
 
         Each process scores every world-th example, in as many batches as every other process (a sharded
         model gathers weights in each forward, a collective); the sums give the whole set's loss."""
+        if self.cfg.objective != "sft":
+            return self.evaluate_pairs()
         examples, size = self.eval_data.examples, self.cfg.micro_batch_size
         rounds = math.ceil(math.ceil(len(examples) / self.world) / size)
         with self.accelerator.autocast():  # the same precision as training
@@ -171,7 +182,18 @@ class Run:
                                               examples[self.rank::self.world], size, self.tokenizer.pad_token_id,
                                               self.device, rounds, filler=examples[0])
         total, count = sum_across([total, count], self.device)
-        return total / max(count, 1)
+        return total / max(count, 1), {}
+
+    def evaluate_pairs(self) -> tuple[float, dict[str, float]]:
+        pairs, size = self.eval_data.pairs, self.cfg.micro_batch_size
+        objective = self.accelerator.unwrap_model(self.objective)
+        with self.accelerator.autocast():
+            sums, count = evaluate_pair_sums(objective, pairs[self.rank::self.world], size, self.tokenizer.pad_token_id,
+                                             self.device, eval_rounds(len(pairs), self.world, size), filler=pairs[0])
+        keys = sorted(sums)  # the same order in every process
+        *totals, count = sum_across([sums[key] for key in keys] + [count], self.device)
+        metrics = {key: total / max(count, 1) for key, total in zip(keys, totals, strict=True)}
+        return metrics.pop("loss"), metrics
 
     def save(self, step: int) -> Path:
         """OUT/checkpoints/step-NNNNNN after ``step`` steps (every process calls it; the main one writes)."""
@@ -245,11 +267,12 @@ def fit(run: Run) -> RunSummary:
             if step % cfg.log_every == 0 or step == run.total_steps:
                 run.metrics.write({"event": "train", "step": step, **result.record(), "epoch": run.epoch(step)})
             progress.update(progress.tasks[0].id, completed=step, loss=result.loss, lr=result.lr,
-                            tps=result.tokens / result.seconds)
+                            tps=result.tokens / result.seconds, extra=result.progress_note())
             # Evaluate: every eval_every steps and at the end.
             if run.eval_due(step):
-                eval_loss = run.evaluate()
-                run.metrics.write({"event": "eval", "step": step, "eval_loss": eval_loss})
+                eval_loss, eval_metrics = run.evaluate()
+                run.metrics.write({"event": "eval", "step": step, "eval_loss": eval_loss,
+                                   **{f"eval_{key}": value for key, value in eval_metrics.items()}})
                 progress.console.print(f"step {step} eval loss {eval_loss:.4f}")
             # Save: every save_every steps (the end writes the final adapter instead).
             if cfg.save_every and step % cfg.save_every == 0 and step < run.total_steps:
@@ -261,8 +284,9 @@ def evaluate_base(run: Run) -> float | None:
     """A fresh run's step-0 eval loss: B = 0, so exactly the base model's — the number the adapter has to beat."""
     if run.eval_data is None or run.start_step != 0:
         return None
-    loss = run.evaluate()
-    run.metrics.write({"event": "eval", "step": 0, "eval_loss": loss})
+    loss, metrics = run.evaluate()
+    run.metrics.write({"event": "eval", "step": 0, "eval_loss": loss,
+                       **{f"eval_{key}": value for key, value in metrics.items()}})
     run.console.print(f"step 0 (base model) eval loss {loss:.4f}")
     return loss
 
@@ -366,6 +390,11 @@ def training_data(recipe: Recipe, tokenizer, rank: int = 0, world: int = 1, cons
     when there are ``world`` processes). With data.streaming the train set is read as training goes
     (lorafit/streaming.py): no train TokenizedData then."""
     data, cfg = recipe.data, recipe.train
+    if data.format == "preference":  # pairs: lorafit/preference_train.py (no streaming, packing or val_fraction)
+        train_pairs, eval_pairs = main_first(lambda: load_pair_sets(recipe, tokenizer))
+        return train_pairs, eval_pairs, PairBatches(train_pairs.pairs, cfg.micro_batch_size, cfg.seed,
+                                                    tokenizer.pad_token_id, rank, world)
+
     def tokenized() -> tuple[TokenizedData | None, TokenizedData | None]:
         return (None if data.streaming else load_tokenized(data.train, data, tokenizer, console),
                 load_tokenized(data.eval, data, tokenizer, console) if data.eval else None)
@@ -390,7 +419,11 @@ def inject_adapters(model: torch.nn.Module, recipe: Recipe, device: torch.device
     build their model here, so plan shows the ranks and counts train would train. ``for_training``: fp32
     adapter weights (the optimizer's master copy), whatever the base dtype."""
     allocation = rank_allocation(model, recipe.lora, batches, device, resumed_out, console, show=show_allocation)
-    return inject_lora(model, recipe.lora, allocation, for_training=for_training), allocation
+    report = inject_lora(model, recipe.lora, allocation, for_training=for_training)
+    if recipe.lora.init_from is not None:  # before a resume's checkpoint: DPO's reference is this starting adapter
+        start_from_adapter(model, recipe.lora.init_from)
+        console.print(f"starting from the adapter in {recipe.lora.init_from}", highlight=False)
+    return report, allocation
 
 
 def rank_allocation(model, lora: LoRAConfig, batches: Batches, device: torch.device, resumed_out: Path | None,
@@ -435,11 +468,13 @@ def optimization(model: torch.nn.Module, recipe: Recipe, accelerator, total_step
     wraps, not the bare model: see loss.TokenLoss."""
     cfg, dtype = recipe.train, recipe.model.dtype
     sharded = BatchShape.of(cfg, accelerator.num_processes).sharded
-    objective = TokenLoss(model)
+    objective = TokenLoss(model) if cfg.objective == "sft" else pair_objective(model, recipe)
     if sharded:  # before the optimizer: sharding replaces the parameters
         shard(objective, model, accelerator.device, None if dtype == "float32" else DTYPES[dtype])
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+    groups = loraplus.param_groups(objective, cfg.lr, cfg.loraplus_lr_ratio, cfg.weight_decay) \
+        if cfg.loraplus_lr_ratio else params
+    optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(cfg.scheduler, optimizer, cfg.warmup_steps, total_steps)
     # The scheduler stays ours: accelerate's would step once per process per step (it assumes a dataloader
     # it sharded). A sharded objective is not given to accelerate, which would wrap it in DDP as well.
@@ -501,6 +536,7 @@ class StepResult:
     grad_norm: float | None
     tokens: int
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)  # a pair objective's (TRL's names), over the step
 
     @staticmethod
     def none() -> StepResult:
@@ -508,11 +544,18 @@ class StepResult:
 
     def plus(self, later: StepResult) -> StepResult:
         return StepResult(later.loss, later.lr, later.grad_norm, self.tokens + later.tokens,
-                          self.seconds + later.seconds)
+                          self.seconds + later.seconds, later.metrics)
 
     def record(self) -> dict[str, float | None]:
         return {"loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
-                "tokens_per_s": self.tokens / self.seconds}
+                "tokens_per_s": self.tokens / self.seconds, **self.metrics}
+
+    def progress_note(self) -> str:
+        """The progress bar's words beside the loss: a pair objective's reward accuracy and margin."""
+        if "rewards/accuracies" not in self.metrics:
+            return ""
+        return (f"  acc {self.metrics['rewards/accuracies']:.2f}  margin "
+                f"{self.metrics['rewards/margins']:+.3f}")
 
 
 def train_step(objective, batches: Batches | StreamBatches, step: int, cfg, accelerator, optimizer, scheduler, params,
@@ -522,7 +565,7 @@ def train_step(objective, batches: Batches | StreamBatches, step: int, cfg, acce
     started = time.perf_counter()
     objective.train()
     micro = [batches.get((step - 1) * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-    loss = accumulate_gradients(objective, [batch for batch, _ in micro], accelerator, hooks)
+    loss, metrics = accumulate_gradients(objective, [batch for batch, _ in micro], accelerator, hooks)
     grad_norm = full(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm else None
     lr = scheduler.get_last_lr()[0]
     if math.isfinite(loss):  # a non-finite step is reported by the caller and never applied
@@ -532,7 +575,8 @@ def train_step(objective, batches: Batches | StreamBatches, step: int, cfg, acce
         hooks.on_step_end(step)  # the variant's schedule (AdaLoRA), with this step's gradients still there
     optimizer.zero_grad(set_to_none=True)
     tokens = int(sum_across([sum(n for _, n in micro)], accelerator.device)[0])
-    return StepResult(loss, lr, None if grad_norm is None else float(grad_norm), tokens, time.perf_counter() - started)
+    return StepResult(loss, lr, None if grad_norm is None else float(grad_norm), tokens, time.perf_counter() - started,
+                      metrics)
 
 
 def non_finite_loss(loss: float, step: int, out: Path) -> LorafitError:
@@ -557,13 +601,16 @@ def make_accelerator(mixed_precision: str, device: torch.device | None = None):
     return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
+def make_optimizer(name: str, params: list[torch.nn.Parameter] | list[dict[str, Any]], lr: float,
+                   weight_decay: float):
     """AdamW from torch, or bitsandbytes' 8-bit / paged variants (8-bit states: 2 bytes per parameter
-    instead of 8; paging only matters on CUDA, where it spills optimizer state to CPU memory)."""
+    instead of 8; paging only matters on CUDA, where it spills optimizer state to CPU memory). ``params``:
+    tensors, or parameter groups with their own lr / weight_decay (LoRA+)."""
     if name == "adamw":
         # fused: one kernel over all tensors instead of a dozen ops per tensor (SmolLM2 all-linear has 420
         # LoRA tensors), the same default transformers' Trainer uses; plain AdamW where it does not exist.
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        tensors = [p for group in params for p in group["params"]] if isinstance(params[0], dict) else params
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     try:
         import bitsandbytes as bnb
@@ -575,10 +622,13 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
 
 
 def accumulate_gradients(objective, micro_batches: list[dict[str, torch.Tensor]], accelerator,
-                         hooks: TrainingHooks | None = None) -> float:
-    """Backward over one optimizer step's micro-batches; returns the step's loss per trained token.
+                         hooks: TrainingHooks | None = None) -> tuple[float, dict[str, float]]:
+    """Backward over one optimizer step's micro-batches; returns the step's loss per trained token (and, for a
+    pair objective, its loss and metrics per pair, weighted by pairs the same way).
 
-    ``objective`` is a ``TokenLoss`` (as accelerate prepared it). Each micro-batch's summed loss is divided
+    ``objective`` is a ``TokenLoss`` (as accelerate prepared it), or a pair objective (lorafit/objectives.py),
+    which returns (mean loss over its pairs, metrics): it counts in ``pairs`` instead of trained tokens, its
+    mean times the micro-batch's pairs standing for the sum. Each micro-batch's summed loss is divided
     by the trained tokens of the whole step — over all processes — so grad_accum=2 with B rows gives the
     same gradient as one batch of 2B rows, and N processes with B rows each the same as one with N·B (not a
     mean of per-batch means). DDP averages gradients over the N processes, hence the factor N. Gradients are
@@ -588,18 +638,30 @@ def accumulate_gradients(objective, micro_batches: list[dict[str, torch.Tensor]]
     comparable with eval loss.
     """
     device, world = accelerator.device, accelerator.num_processes
-    target_tokens = max(sum_across([sum(trained_positions(b) for b in micro_batches)], device)[0], 1)
-    step_loss = 0.0
+    pairs = not isinstance(accelerator.unwrap_model(objective), TokenLoss)
+    weights = [pair_count(b) if pairs else trained_positions(b) for b in micro_batches]
+    target_tokens = max(sum_across([sum(weights)], device)[0], 1)
+    step_loss, sums = 0.0, {}
     for k, batch in enumerate(micro_batches):
         batch = {key: value.to(device) for key, value in batch.items()}
         with gradient_sync(objective, accelerator, enabled=k == len(micro_batches) - 1):
             with accelerator.autocast():  # around the loss too: the same precision as the model's forward
-                loss = objective(**batch) / target_tokens
+                loss = objective(**batch)
+                if pairs:
+                    loss, metrics = loss
+                    loss = loss * weights[k]
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + float(value) * weights[k]
+                loss = loss / target_tokens
             step_loss += loss.item()
             penalty = hooks.regularization() if hooks is not None else None
             scaled = loss * world
             accelerator.backward(scaled if penalty is None else scaled + penalty / len(micro_batches))
-    return sum_across([step_loss], device)[0]
+    keys = sorted(sums)  # the same order in every process
+    step_loss, *totals = sum_across([step_loss] + [sums[key] for key in keys], device)
+    metrics = {key: total / target_tokens for key, total in zip(keys, totals, strict=True)}
+    metrics.pop("loss", None)  # the step's loss, returned first
+    return step_loss, metrics
 
 
 class StopRequest:

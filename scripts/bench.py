@@ -13,6 +13,9 @@ tokens packed from the quickstart data (completions trained, prompts masked), Ad
   computing in fp32 under the same autocast ("peft fp32 4-bit compute").
 - dora: lorafit's DoRA against PEFT's DoRA, and its step time against lorafit's own LoRA step; in bf16
   where bf16 is native (PEFT DoRA over bf16 weights, and over fp32 weights under autocast), else in fp32.
+- qlora-1b (memory): a ~1B random Llama built in-process (2048 wide, 16 layers, 5632 MLP, SmolLM2's
+  vocabulary and tokenizer), 2 x 512 tokens, 3 steps: lorafit QLoRA against PEFT's QLoRA and against
+  lorafit's LoRA over the same model unquantized (its peak is the one QLoRA must halve).
 Reported per run: median tokens/s of the steps after warm-up, peak memory (RSS sampled during training on
 CPU, max_memory_allocated on CUDA), the loss at each step, ratios against the fastest PEFT row of the same
 configuration, and MFU: model FLOPs per second over a matmul peak measured on the same device and dtype in
@@ -68,7 +71,8 @@ class Row:
     compile: bool = False
     checkpointing: bool = False
     variant: str = "lora"        # lora | dora
-    baseline: bool = False       # lorafit's plain LoRA in the dora config: the step time DoRA is compared with
+    baseline: bool = False       # lorafit's row the others are compared with (dora: LoRA's step; qlora-1b: memory)
+    unquantized: bool = False    # over the full-precision base although the config quantizes it
 
 
 def rows_for(config: str, compute: str, compile_rows: bool, checkpointing: bool) -> list[Row]:
@@ -82,6 +86,10 @@ def rows_for(config: str, compute: str, compile_rows: bool, checkpointing: bool)
         if bf16:
             rows.append(Row("peft dora+autocast", "peft", compute, autocast=True, variant="dora"))
         return rows
+    if config == "qlora-1b":  # memory: QLoRA against PEFT's QLoRA and against lorafit over the unquantized base
+        return [Row("lorafit", "lorafit", compute),
+                Row("lorafit, 16/32-bit base", "lorafit", compute, baseline=True, unquantized=True),
+                Row("peft", "peft", compute, weights=compute, autocast=bf16)]
     lorafit = [Row("lorafit", "lorafit", compute)]
     if compile_rows and config != "qlora":
         lorafit.append(Row("lorafit+compile", "lorafit", compute, compile=True))
@@ -97,20 +105,21 @@ def rows_for(config: str, compute: str, compile_rows: bool, checkpointing: bool)
     return [*lorafit, *peft]
 
 
-def batches(tokenizer, steps: int):
-    """Fixed micro-batches: quickstart rows tokenized and masked by lorafit, packed to SEQ tokens."""
+def batches(tokenizer, steps: int, batch: int = BATCH, seq: int = SEQ):
+    """Fixed micro-batches: quickstart rows tokenized and masked by lorafit, packed to ``seq`` tokens."""
     from lorafit.config import DataConfig
     from lorafit.data import collate
     from lorafit.examples import PackedRows
     from lorafit.token_cache import load_tokenized
 
     data = load_tokenized(str(REPO / "configs/data/dates_train.jsonl"),
-                          DataConfig(train="x.jsonl", max_seq_len=SEQ), tokenizer)
-    rows = PackedRows(data.examples, SEQ)
-    return [collate(rows[i * BATCH:(i + 1) * BATCH], tokenizer.pad_token_id) for i in range(steps)]
+                          DataConfig(train="x.jsonl", max_seq_len=seq), tokenizer)
+    rows = PackedRows(data.examples, seq)
+    return [collate(rows[i * batch:(i + 1) * batch], tokenizer.pad_token_id) for i in range(steps)]
 
 
-def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: str = BASE) -> dict:
+def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: str = BASE,
+            shape: tuple[int, int] = (BATCH, SEQ)) -> dict:
     import contextlib
 
     import torch
@@ -124,6 +133,7 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
     from lorafit.quant import base_memory
 
     row = Row(**row)
+    quantize = None if row.unquantized else quantize
     torch.manual_seed(0)
     if row.framework == "lorafit":  # lorafit's own choice for this compute dtype, as `lorafit train` makes it
         plan = precision.resolve(row.compute, "no" if row.compute == "float32" else "bf16", quantize)
@@ -132,7 +142,7 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
         weights, autocast = row.weights, row.autocast
     cfg = ModelConfig(base=base, dtype=weights, quantize=quantize)
     tokenizer = load_tokenizer(cfg)
-    data = batches(tokenizer, steps)
+    data = batches(tokenizer, steps, *shape)
     device = compute_device()  # lorafit's one rule: a CUDA GPU when there is one, else the CPU
     model = load_base_model(cfg, training=True, device=device)  # a 4-bit base is quantized there
     initial = torch.load(init_path, weights_only=True)  # the same A (and zero B) for every run
@@ -144,8 +154,10 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
         def loss_fn(batch):
             return token_loss_sum(model, batch) / trained_positions(batch)
     else:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+        if quantize:  # PEFT's QLoRA recipe: what stays unquantized cast to fp32 (without its checkpointing default)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         # PEFT keeps adapter weights in fp32 over a 16-bit base by default (autocast_adapter_dtype=True).
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT,
                                                  target_modules="all-linear", use_dora=row.variant == "dora"))
@@ -258,7 +270,26 @@ def machine() -> dict:
     return info
 
 
-CONFIGS = {"fp32": None, "bf16": None, "qlora": "4bit", "dora": None}  # name -> quantize
+CONFIGS = {"fp32": None, "bf16": None, "qlora": "4bit", "dora": None, "qlora-1b": "4bit"}  # name -> quantize
+# qlora-1b: a ~1B Llama with random weights (nothing to download), SmolLM2's vocabulary and tokenizer so the
+# same data feeds it; 2 x 512 tokens, 3 steps (memory, not speed, is what it measures).
+LLAMA_1B = dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+SHAPES = {"qlora-1b": (2, 512, 3)}  # config -> (micro-batch, tokens, steps); others: BATCH, SEQ, --steps
+
+
+def make_llama_1b(folder: Path) -> str:
+    """The qlora-1b base, saved in bf16 with SmolLM2's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorafit.config import ModelConfig
+    from lorafit.model import load_tokenizer
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**LLAMA_1B, tie_word_embeddings=False)).to(torch.bfloat16).save_pretrained(folder)
+    load_tokenizer(ModelConfig(base=BASE)).save_pretrained(folder)
+    return str(folder)
 
 
 def compute_dtype(config: str, native_bf16: bool) -> str | None:
@@ -294,31 +325,18 @@ def main() -> int:
                                           "seq": SEQ, "steps": args.steps, "warmup": WARMUP, "rounds": args.rounds},
               "results": []}
     with tempfile.TemporaryDirectory() as tmp:
-        init = Path(tmp) / "init.pt"
-        make_initial_weights(init, args.base)
         for config in args.configs:
             compute = compute_dtype(config, host["native_bf16"])
             if compute is None:
                 print(f"\n{config}: skipped, this device has no native bf16 (emulated bf16 is many times slower)")
                 continue
-            quantize = CONFIGS[config]
             rows = rows_for(config, compute, not args.no_compile, args.checkpointing)
-            runs = {row.name: [] for row in rows}
             dtypes = sorted({row.compute for row in rows})
             peaks = {dtype: matmul_peak(dtype) for dtype in dtypes}  # before and after the runs: the best of both
-            for _ in range(args.rounds):
-                for row in rows:
-                    spec = {"row": asdict(row), "quantize": quantize, "steps": args.steps, "init_path": str(init),
-                            "base": args.base}
-                    start = time.perf_counter()
-                    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                                         capture_output=True, text=True)
-                    if out.returncode:  # show why, not only that it failed
-                        sys.exit(f"{config} / {row.name} failed:\n{out.stderr[-4000:]}")
-                    runs[row.name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                    print(f"  {config} / {row.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            runs = run_rows(config, rows, args, Path(tmp))
             peaks = {dtype: max(peak, matmul_peak(dtype)) for dtype, peak in peaks.items()}
-            summary = summarize(config, compute, quantize, rows, runs, peaks)
+            summary = summarize(config, compute, CONFIGS[config], rows, runs, peaks)
+            summary["micro_batch"], summary["seq"], summary["steps"] = SHAPES.get(config, (BATCH, SEQ, args.steps))
             report["results"].append(summary)
             print_summary(summary)
     if not fail_every_gate_unless_finite(report):
@@ -328,6 +346,31 @@ def main() -> int:
     if failed:
         print("FAILED: a lorafit row fails its correctness gate (see 'gate' above and in the JSON)")
     return 1 if failed else 0
+
+
+def run_rows(config: str, rows: list[Row], args: argparse.Namespace, tmp: Path) -> dict[str, list[dict]]:
+    """Every row of ``config``, ``args.rounds`` times, each in its own process; the base (and its initial
+    adapter weights) made once per base in ``tmp``."""
+    base = args.base if config not in SHAPES else str(tmp / config)
+    batch, seq, steps = SHAPES.get(config, (BATCH, SEQ, args.steps))
+    if config in SHAPES and not Path(base).exists():
+        make_llama_1b(Path(base))
+    init = tmp / f"init-{Path(base).name}.pt"
+    if not init.exists():
+        make_initial_weights(init, base)
+    runs = {row.name: [] for row in rows}
+    for _ in range(args.rounds):
+        for row in rows:
+            spec = {"row": asdict(row), "quantize": CONFIGS[config], "steps": steps, "init_path": str(init),
+                    "base": base, "shape": [batch, seq]}
+            start = time.perf_counter()
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                                 capture_output=True, text=True)
+            if out.returncode:  # show why, not only that it failed
+                sys.exit(f"{config} / {row.name} failed:\n{out.stderr[-4000:]}")
+            runs[row.name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  {config} / {row.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return runs
 
 
 def summarize(config: str, compute: str, quantize: str | None, rows: list[Row], runs: dict[str, list[dict]],
@@ -350,8 +393,9 @@ def summarize(config: str, compute: str, quantize: str | None, rows: list[Row], 
     for r in table:
         r.update(speed_ratio=r["tokens_per_s"] / best["tokens_per_s"],
                  memory_ratio=r["peak_memory_bytes"] / best["peak_memory_bytes"])
-        if baseline is not None:  # step time relative to lorafit's plain LoRA step
+        if baseline is not None:  # step time and peak memory relative to lorafit's baseline row
             r["step_vs_lorafit_lora"] = baseline["tokens_per_s"] / r["tokens_per_s"]
+            r["memory_vs_baseline"] = r["peak_memory_bytes"] / baseline["peak_memory_bytes"]
         if r["framework"] == "lorafit" and not r["baseline"]:
             r["gate"] = gate_row(r, competitors, compute, every_loss)
     return {"config": config, "compute": compute, "quantize": quantize, "matmul_peak_flops": peaks,
@@ -401,8 +445,9 @@ def print_summary(s: dict) -> None:
               f"{r['peak_memory_bytes'] / 2**30:10.2f}{r['mfu']:7.1%}{r['speed_ratio']:7.2f}x{r['memory_ratio']:7.2f}x"
               f"{shown:>22}{r['first_step_s']:9.1f}")
     for r in s["rows"]:
-        if "step_vs_lorafit_lora" in r:
-            print(f"  {r['row']:24} step time {r['step_vs_lorafit_lora']:.2f}x lorafit's LoRA step")
+        if "step_vs_lorafit_lora" in r and not r["baseline"]:
+            print(f"  {r['row']:24} step time {r['step_vs_lorafit_lora']:.2f}x, peak memory "
+                  f"{r['memory_vs_baseline']:.2f}x lorafit's baseline row")
     for r in s["rows"]:
         print(f"  {r['row']:24} losses: " + " ".join(f"{x:.4f}" for x in r["losses"]))
     for r in s["rows"]:

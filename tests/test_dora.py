@@ -69,6 +69,25 @@ def test_forward_and_gradients_equal_the_formula():
         assert_close_by_rule(got, want, reduction=LAYER_REDUCTION + 24 + 15)
 
 
+def test_in_bf16_one_small_magnitude_step_reaches_the_output():
+    """One AdamW step moves m by ~lr (a relative 1e-3 here): below bf16's 2^-8 spacing around 1, so a gain
+    m/‖·‖ rounded to bf16 stays 1 and the magnitude goes untrained. lorafit keeps g in fp32 and rounds y once
+    (as PEFT does): y = bf16(g·W·x) with B = 0, which moves the outputs where g·W·x crosses a rounding point."""
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(64, 48, bias=False).to(torch.bfloat16), r=4, alpha=8.0)
+    for param in layer.adapter_params().values():
+        param.data = param.data.float()  # fp32 masters, as training holds them
+    x = torch.randn(256, 64).bfloat16()
+    with torch.no_grad():
+        base = layer.base_layer(x).float()
+        layer.lora_magnitude_vector.copy_(layer.row_norm() * (1 + 1e-3))
+        out = layer(x)
+        once = ((layer.lora_magnitude_vector / layer.row_norm()) * base).bfloat16()  # fp32 g, one rounding
+    assert out.dtype == torch.bfloat16
+    assert (out.float() != base).float().mean() > 0.2  # the step reaches the output (bf16 g: not one element)
+    assert (out == once).float().mean() > 0.99
+
+
 @pytest.mark.numerics
 def test_fast_row_norm_equals_the_full_matrix_norm():
     generator = torch.Generator().manual_seed(0)

@@ -286,3 +286,43 @@ def test_bitsandbytes_packed_kernel_agrees_with_the_reference():
     # both sum in fp32 and round the output to bf16 once: the rule in bf16, one rounding
     assert_close_by_rule(real, reference_packed_gemv(x, layer.weight.data, state=state), reduction=1,
                          dtype=torch.bfloat16)
+
+
+@pytest.mark.numerics
+def test_lora_over_a_4bit_base_is_the_formula_in_bf16_and_keeps_one_16bit_input(tiny_model_dir):
+    """In bf16 compute, a 4-bit LoRA layer is W·x + s·B·A·x with x, A, B rounded to bf16 once, returns bf16, and
+    what backward keeps is one bf16 copy of an fp32 input, shared by the projections that read it."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    model = load_base_model(ModelConfig(base=str(tiny_model_dir), dtype="bfloat16", quantize="4bit"), training=True)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16  # no fp32 copy of bf16-loaded weights
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).dtype == torch.float32  # the residual stream
+    inject_lora(model, LoRAConfig(r=4, alpha=8), for_training=True)
+    randomize_lora_B(model)
+    attention = model.model.layers[0].self_attn
+    layers = [lora_modules(model)[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv"]
+    x = torch.randn(2, 12, 64, requires_grad=True)
+    saved = set()
+
+    def pack(tensor):
+        if tensor.dtype == torch.bfloat16 and tensor.shape[-1] == 64:
+            saved.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = [layer(x) for layer in layers]
+    assert all(out.dtype == torch.bfloat16 for out in outs) and len(saved) == 1
+    assert attention.q_proj is layers[0]
+    upstream = [torch.randn(out.shape) for out in outs]
+    torch.autograd.backward(outs, upstream)
+    for layer, out, up in zip(layers, outs, upstream):
+        x_ref = x.detach().bfloat16().float().requires_grad_(True)
+        A, B = (p.detach().bfloat16().float().requires_grad_(True) for p in (layer.lora_A.weight, layer.lora_B.weight))
+        weight = dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state).float()
+        expected = x_ref @ weight.T + layer.scaling * (x_ref @ A.T @ B.T)
+        expected.backward(up)
+        assert_close_by_rule(out, expected.detach(), reduction=64 + 4, dtype=torch.bfloat16)
+        for got, want in ((layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)):
+            assert_close_by_rule(got, want, reduction=64 + 4 + 24, dtype=torch.bfloat16)  # + the 24 tokens
+        layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    assert x.grad is not None and torch.isfinite(x.grad).all()

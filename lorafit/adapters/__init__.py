@@ -36,6 +36,7 @@ class MethodInfo:
     check: Callable[[Any], None] | None = None  # more checks of the lora section (ValueError)
     on_parameters: bool = False  # can adapt MoE expert parameters (lorafit/adapters/experts.py)
     fsdp: bool = True  # its layers shard over processes (train.fsdp)
+    loraplus: str = ""  # why train.loraplus_lr_ratio (lorafit/loraplus.py) means nothing for it; "": it applies
 
     def method(self) -> Method:
         return importlib.import_module(self.module).METHOD
@@ -50,10 +51,11 @@ REGISTRY: dict[str, MethodInfo] = {info.name: info for info in (
     _entry("dora", "DoRA (LoRA + a magnitude per output row)", recipes.describe_lora, peft_type="LORA",
            check=recipes.check_dora),
     _entry("vera", "VeRA (trainable scaling vectors over shared random projections)", recipes.describe_vera,
-           peft_type="VERA", block=recipes.VeRAConfig, ignores=("alpha", *recipes.OWN_RANKS), fsdp=False),
+           peft_type="VERA", block=recipes.VeRAConfig, ignores=("alpha", *recipes.OWN_RANKS), fsdp=False,
+           loraplus=recipes.LORAPLUS_VERA),
     _entry("adalora", "AdaLoRA (SVD-shaped triplets pruned to a budget while training)", recipes.describe_adalora,
            peft_type="ADALORA", block=recipes.AdaLoRAConfig, ignores=recipes.OWN_RANKS, check=recipes.check_adalora,
-           fsdp=False),
+           fsdp=False, loraplus=recipes.LORAPLUS_ADALORA),
 )}
 
 

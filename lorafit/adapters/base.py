@@ -98,6 +98,7 @@ class AdapterLayer(nn.Module):
     r: int
     alpha: float | None = None  # methods without a LoRA scaling (VeRA) have none
     adaptive_rank = False  # True where training itself decides the rank (AdaLoRA)
+    disabled = False  # switched off: the layer computes its base layer alone (lorafit/adapters/switch.py)
 
     @property
     def trained_rank(self) -> int:
@@ -132,8 +133,8 @@ class AdapterLayer(nn.Module):
         return dtype if dtype.is_floating_point else torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x)  # the update already lives inside base_layer.weight
+        if self.merged or self.disabled:
+            return self.base_layer(x)  # merged: the update already lives inside base_layer.weight
         return self.adapted_forward(x)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,9 @@ class DoRALinear(LoRALinear):
         else:  # dropout active: as PEFT, the magnitude term applies W to the dropped input
             base_out = self._without_bias(self.base_layer(lora_in))
         lora_out = F.linear(F.linear(lora_in.to(dtype), self.lora_A.weight.to(dtype)), self.lora_B.weight.to(dtype))
-        gain = (self.lora_magnitude_vector / self.row_norm().detach()).to(dtype)  # [out]
+        # g stays fp32 (PEFT's mag_norm_scale is fp32 too): in bf16, g = 1 + ε rounds to 1 for any ε < 2^-9,
+        # which is what one AdamW step moves the magnitude by, so a bf16 g would leave it untrained.
+        gain = self.lora_magnitude_vector.float() / self.row_norm().detach()  # [out], fp32
         return _DoRAOutput.apply(result, base_out, lora_out, gain, self.scaling)
 
     @torch.no_grad()
@@ -107,21 +109,23 @@ class _DoRAOutput(torch.autograd.Function):
     Autograd on the plain expression saves ``base`` (for ∂y/∂g) and ``s·lora`` (for ∂y/∂g) separately;
     both only ever meet g as ``base + s·lora``, so that sum is all backward needs:
         ∂y/∂result = G,  ∂y/∂base = (g − 1)·G,  ∂y/∂lora = g·s·G,  ∂y/∂g = Σ_tokens G ⊙ (base + s·lora)
+    g is fp32; the update (g − 1)·base + g·s·lora is formed in fp32 and y rounded to the layer's dtype once,
+    as PEFT does. In bf16, rounding g or the update first would lose most of a step's change to the magnitude.
     """
 
     @staticmethod
     def forward(ctx, result, base_out, lora_out, gain, scaling):
-        combined = base_out + scaling * lora_out  # (..., out)
+        combined = base_out + scaling * lora_out  # (..., out), the layer's dtype
         ctx.save_for_backward(combined, gain)
         ctx.scaling = scaling
-        return result - base_out + gain * combined
+        return (result + ((gain - 1) * base_out + gain * (scaling * lora_out))).to(result.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         combined, gain = ctx.saved_tensors
         tokens = tuple(range(grad.dim() - 1))
-        grad_gain = (grad.float() * combined.float()).sum(dim=tokens).to(gain.dtype)
-        return grad, grad * (gain - 1), grad * (gain * ctx.scaling), grad_gain, None
+        grad_gain = (grad.float() * combined.float()).sum(dim=tokens)
+        return grad, (grad * (gain - 1)).to(grad.dtype), (grad * (gain * ctx.scaling)).to(grad.dtype), grad_gain, None
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:

@@ -125,7 +125,7 @@ class ParamLoRA(LoRALinear):
         return "base_layer." * depth + self.parameter_name
 
     def forward(self, *args, **kwargs):  # the wrapped module's own signature (experts: x, indices, weights)
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base_layer(*args, **kwargs)
         adapted = self._adapted_parameter()
         return torch.func.functional_call(self.base_layer, {self.parameter_path: adapted}, args, kwargs,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit import quant
 from lorafit.adapters import init as base_init
 from lorafit.adapters.base import (
     AdapterLayer,
@@ -102,7 +103,10 @@ class LoRALinear(AdapterLayer):
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(self.base_layer) is nn.Linear:
             return self._fused_forward(x)
-        # Other bases (bitsandbytes 4/8-bit) may keep their output for backward: add out of place.
+        if quant.trains_fused(self.base_layer):  # a 4-bit base: one GEMM pass, bf16 activations (lorafit/quant.py)
+            return quant.lora_over_4bit(self.base_layer, x, self.lora_dropout, self.lora_A.weight,
+                                        self.lora_B.weight, self.scaling)
+        # Other bases (bitsandbytes 8-bit) may keep their output for backward: add out of place.
         result = self.base_layer(x)
         lora_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(lora_in)) * self.scaling  # (..., out)

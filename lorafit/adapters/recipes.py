@@ -83,6 +83,13 @@ def describe_adalora(title: str, lora: Any) -> str:
             f"layer; alpha={lora.alpha:g} dropout={lora.dropout:g}")
 
 
+# Why LoRA+ (a faster lr for B of an update B·A whose B starts at zero) means nothing for these methods.
+LORAPLUS_VERA = ("VeRA trains only its scaling vectors λ_b and λ_d, both 1-D, which PEFT's LoRA+ puts in B's group: "
+                 "the ratio would only multiply train.lr (raise train.lr instead)")
+LORAPLUS_ADALORA = ("AdaLoRA's update is P·Λ·Q with P (its lora_B) and Q both random from the start and Λ at zero, "
+                    "not the B·A with B at zero that LoRA+ speeds B up for")
+
+
 def check_dora(lora: Any) -> None:
     if lora.init in BASE_INITS:
         raise ValueError(f"lora.init: {lora.init} does not combine with variant: dora: DoRA's magnitude rescales "
