@@ -60,8 +60,8 @@ class DoRALinear(LoRALinear):
         else:  # dropout active: as PEFT, the magnitude term applies W to the dropped input
             base_out = self._without_bias(self.base_layer(lora_in))
         lora_out = F.linear(F.linear(lora_in.to(dtype), self.lora_A.weight.to(dtype)), self.lora_B.weight.to(dtype))
-        # g stays fp32 (PEFT's mag_norm_scale is fp32 too): in bf16, g = 1 + ε rounds to 1 for any ε < 2^-9,
-        # which is what one AdamW step moves the magnitude by, so a bf16 g would leave it untrained.
+        # g stays fp32 (PEFT's mag_norm_scale is fp32 too): bf16 spaces numbers just above 1 by 2^-7, so a bf16 g
+        # moves in steps of 0.8% and loses AdamW's steps on m (~lr), which would leave the magnitude untrained.
         gain = self.lora_magnitude_vector.float() / self.row_norm().detach()  # [out], fp32
         return _DoRAOutput.apply(result, base_out, lora_out, gain, self.scaling)
 
