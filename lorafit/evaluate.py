@@ -50,7 +50,10 @@ class EvalResult:
     preference_margin: float | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The result's fields; the preference ones only where the data were pairs (SFT results keep their keys)."""
+        fields = asdict(self)
+        return {key: value for key, value in fields.items()
+                if value is not None or not key.startswith("preference_")}
 
 
 @dataclass
