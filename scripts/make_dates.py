@@ -42,6 +42,12 @@ def written_forms(date: dt.date) -> list[str]:
     ]
 
 
+def draw_dates(rng: random.Random, count: int) -> list[dt.date]:
+    """``count`` distinct dates in 1950-2049 (distinct: no eval date is trained on)."""
+    start, span = dt.date(1950, 1, 1), (dt.date(2049, 12, 31) - dt.date(1950, 1, 1)).days
+    return [start + dt.timedelta(days=o) for o in rng.sample(range(span + 1), count)]
+
+
 def make_rows(dates: list[dt.date], rng: random.Random) -> list[dict[str, str]]:
     return [
         {"prompt": PROMPT.format(date=rng.choice(written_forms(d))), "completion": d.isoformat()}
@@ -58,9 +64,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
-    start, span = dt.date(1950, 1, 1), (dt.date(2049, 12, 31) - dt.date(1950, 1, 1)).days
-    offsets = rng.sample(range(span + 1), args.train + args.eval)  # distinct dates: no eval date is trained on
-    dates = [start + dt.timedelta(days=o) for o in offsets]
+    dates = draw_dates(rng, args.train + args.eval)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, chunk in (("train", dates[: args.train]), ("eval", dates[args.train :])):
         path = args.out / f"dates_{name}.jsonl"

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_dates import make_rows  # noqa: E402  (the SFT task: same prompts, same dates)
+from make_dates import draw_dates, make_rows  # noqa: E402  (the SFT task: same prompts, same dates)
 
 KINDS = ("swap", "century", "extra")
 EXTRA = (
@@ -71,9 +71,7 @@ def main() -> None:
 
     # The draw of make_dates.main, step for step: the same dates and written forms for the same arguments.
     rng = random.Random(args.seed)
-    start, span = dt.date(1950, 1, 1), (dt.date(2049, 12, 31) - dt.date(1950, 1, 1)).days
-    offsets = rng.sample(range(span + 1), args.train + args.eval)
-    dates = [start + dt.timedelta(days=o) for o in offsets]
+    dates = draw_dates(rng, args.train + args.eval)
     mistakes = random.Random(f"dpo-dates-{args.seed}")
     args.out.mkdir(parents=True, exist_ok=True)
     for name, chunk in (("train", dates[: args.train]), ("eval", dates[args.train :])):

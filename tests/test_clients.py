@@ -20,9 +20,9 @@ from lorafit.export import export_gguf
 from lorafit.gguf_tokenizer import SAMPLES
 from lorafit.inject import inject_lora
 
-from .conftest import REPO, tiny_model
+from .conftest import REPO
 from .test_cli import run
-from .test_export import base_and_adapter, bpe_tokenizer, digit_splitting_tokenizer
+from .test_export import base_and_adapter, bpe_tokenizer, digit_splitting_tokenizer, save_base_and_adapter
 from .tolerance import assert_close_by_rule, reduction_through
 
 pytestmark = pytest.mark.clients
@@ -75,13 +75,8 @@ def test_llama_cpp_tokenizes_rendered_chat_prompts_as_transformers(make, tmp_pat
     """llama.cpp's ids (special tokens parsed) equal the base tokenizer's for every rendered prompt; for the
     digit-splitting tokenizer, that is what naming its pre-tokenizer "smollm" buys."""
     tokenizer = make()
-    base = tmp_path / "base"
-    tiny_model(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    inject_lora(model, LoRAConfig(r=4, alpha=8))
-    save_adapter(model, tmp_path / "adapter")
-    out = export_gguf(str(base), tmp_path / "adapter", tmp_path / "m.gguf", "f32").out
+    base, adapter = save_base_and_adapter(tmp_path, tokenizer)
+    out = export_gguf(str(base), adapter, tmp_path / "m.gguf", "f32").out
     llm = load_llama(out)
     for text in rendered(tokenizer) + list(SAMPLES):
         assert llama_tokens(llm, text) == tokenizer(text, add_special_tokens=False).input_ids, repr(text[:80])

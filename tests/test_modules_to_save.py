@@ -15,18 +15,11 @@ from lorafit.inject import inject_lora, remove_lora
 from lorafit.merge import merge_adapter
 
 from .conftest import tiny_model
+from .test_adapters_conformance import perturb
 from .tolerance import assert_close_by_rule, reduction_through
 
 TARGETS = ["q_proj", "v_proj"]
 SAVED = ["lm_head", "norm"]  # "norm" also matches input_layernorm / post_attention_layernorm, as in PEFT
-
-
-def perturb(model: torch.nn.Module, seed: int = 3) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
 
 
 def ours() -> torch.nn.Module:
