@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KEY_PREFIX", "SavedUpdate", "load_adapter", "read_adapter", "save_adapter"]
+__all__ = ["KEY_PREFIX", "TOKENS_KEY", "SavedUpdate", "load_adapter", "read_adapter", "save_adapter"]
 
 import torch
 from safetensors import SafetensorError
@@ -26,6 +26,15 @@ from lorafit.adapters.base import AdapterLayer, SavedUpdate, is_conv1d, layer_sh
 from lorafit.adapters.experts import ParamLoRA, ParamTarget, named_in_config, saved_paths, target_path, wrap_parameter
 from lorafit.adapters.lora import KEY_PREFIX
 from lorafit.adapters.saved_modules import load_saved_modules, saved_modules, saved_tensors, split_saved
+from lorafit.adapters.tokens import CONFIG_KEY as TOKENS_KEY
+from lorafit.adapters.tokens import (
+    check_token_config,
+    load_tokens,
+    split_tokens,
+    token_config,
+    token_tensors,
+    token_wrappers,
+)
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
 from lorafit.inject import lora_modules, set_trainable
@@ -36,19 +45,19 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _UNSUPPORTED = {
     "lora_bias": False,
     "layer_replication": None,
-    "trainable_token_indices": None,
     "use_qalora": False,
 }
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | None = None) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | None = None,
+                 tokenizer: Any = None) -> Path:
     """Write the model's LoRA weights and config to ``out_dir``, atomically (temp folder, then rename)."""
-    return save_adapter_content(Path(out_dir), adapter_content(model, base_model_name))
+    return save_adapter_content(Path(out_dir), adapter_content(model, base_model_name), tokenizer)
 
 
-def save_adapter_content(out_dir: Path, content: AdapterContent) -> Path:
+def save_adapter_content(out_dir: Path, content: AdapterContent, tokenizer: Any = None) -> Path:
     with atomic_dir(out_dir, "the adapter") as tmp:
-        write_adapter_content(tmp, content)
+        write_adapter_content(tmp, content, tokenizer)
     return out_dir
 
 
@@ -71,7 +80,10 @@ def adapter_content(model: nn.Module, base_model_name: str | None = None) -> Ada
     }
     tensors.update({key: t.detach().contiguous().cpu() for key, t in layer.shared_tensors(modules).items()})
     tensors.update({key: full(t).detach().contiguous().cpu() for key, t in saved_tensors(model).items()})
+    tensors.update({key: full(t).detach().contiguous().cpu() for key, t in token_tensors(model).items()})
     config = {**adapter_config(modules, base_model_name), "modules_to_save": sorted(saved_modules(model)) or None}
+    if (indices := token_config(model)) is not None:
+        config[TOKENS_KEY] = indices
     return tensors, config
 
 
@@ -79,10 +91,14 @@ def write_adapter_files(model: nn.Module, folder: Path, base_model_name: str | N
     write_adapter_content(folder, adapter_content(model, base_model_name))
 
 
-def write_adapter_content(folder: Path, content: AdapterContent) -> None:
+def write_adapter_content(folder: Path, content: AdapterContent, tokenizer: Any = None) -> None:
+    """The two adapter files, and ``tokenizer``'s files beside them when given (a run that added tokens: the
+    adapter's ids mean something only with that tokenizer; eval, generate, merge and export then use it)."""
     tensors, config = content
     save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def adapter_config(modules: dict[str, AdapterLayer], base_model_name: str | None) -> dict[str, Any]:
@@ -122,6 +138,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
         raise LorafitError("this model already carries LoRA layers; load the adapter into a fresh base model")
     per_module = read_adapter(adapter_dir, model)
     _check_fit(model, per_module, adapter_dir)
+    # Trained token rows first: growing the vocabulary needs the plain embedding and head.
+    load_tokens(model, config, split_tokens(_read_weights(adapter_dir))[0], adapter_dir)
     dropout = float(config.get("lora_dropout", config.get("vera_dropout")) or 0.0)
     # Expert parameters first, in the order their modules register them: the order their wrappers nest in.
     experts = [name for name, found in per_module.items() if getattr(found, "parameter", None) is not None]
@@ -152,7 +170,7 @@ def read_adapter(adapter_dir: str | Path, model: nn.Module | None = None) -> dic
         raise LorafitError(f"{adapter_dir}: this adapter updates MoE expert parameters (target_parameters in "
                            f"{CONFIG_NAME}); lorafit reads it together with its base model (merge, eval, generate "
                            "do), not on its own")
-    tensors = split_saved(tensors, config.get("modules_to_save"))[1]
+    tensors = split_tokens(split_saved(tensors, config.get("modules_to_save"))[1])[1]
     return method_of_record(config).read(tensors, config, adapter_dir / WEIGHTS_NAME,
                                          _saved_parameter_paths(model, config))
 
@@ -186,6 +204,8 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
         raise LorafitError(f"{path}: peft_type {kind!r} is not supported; lorafit loads {', '.join(PEFT_TYPES)} "
                            f"adapters (methods: {', '.join(REGISTRY)})")
     method_of_record(config).check_config(config, path)
+    if config.get(TOKENS_KEY):
+        check_token_config(config[TOKENS_KEY], path)
     for key, plain in _UNSUPPORTED.items():
         if config.get(key, plain) not in (plain, [], {}):
             raise LorafitError(f"{path}: {key}={config[key]!r} is not supported by lorafit (only plain LoRA is)")
@@ -288,6 +308,14 @@ def restore_adapter_weights(model: nn.Module, folder: Path) -> None:
         module.load_saved(saved)
     for name, module in saved_modules(model).items():  # lora.modules_to_save's copies
         module.trained.load_state_dict(split_saved(tensors, [name])[0][name])
+    rows = split_tokens(tensors)[0]
+    for name, module in token_wrappers(model).items():  # data.add_special_tokens's rows
+        if not module.tied:
+            if name not in rows or rows[name].shape != module.trainable_tokens_delta.shape:
+                raise LorafitError(f"{folder}: checkpoint does not match this recipe's token rows ({name}); resume "
+                                   "with the recipe that wrote it")
+            with torch.no_grad():
+                module.trainable_tokens_delta.copy_(rows[name])
 
 
 def start_from_adapter(model: nn.Module, folder: str | Path) -> None:

@@ -65,12 +65,13 @@ def prepare_output(out: Path, overwrite: bool, resume: str | None) -> tuple[Path
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, recipe: Recipe, keep_last: int,
-                    main: bool = True, *, objective=None, data_state: dict | None = None) -> Path:
+                    main: bool = True, *, objective=None, data_state: dict | None = None, tokenizer=None) -> Path:
     """OUT/checkpoints/step-NNNNNN: a loadable adapter plus the state to continue; written atomically.
 
     Every process calls this: each one's RNG state is gathered (dropout draws differ per process), and with
     FSDP (``objective`` sharded) the adapter and optimizer state are gathered from their shards. Only the
-    main process writes. With DDP, model and optimizer state are the same in every process.
+    main process writes. With DDP, model and optimizer state are the same in every process. ``tokenizer``
+    is saved beside the adapter when given (a run that added tokens).
     """
     final = out / "checkpoints" / f"step-{step:06d}"
     rng = gather_all({"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -83,7 +84,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, hooks, re
     kept = (f"the previous checkpoint {previous} is intact (continue from it with --resume)" if previous
             else "no checkpoint was written yet")
     with atomic_dir(final, "checkpoint", kept) as tmp:
-        write_adapter_content(tmp, adapter)
+        write_adapter_content(tmp, adapter, tokenizer)
         state = {
             "step": step,
             "sharded": is_sharded(objective),  # FSDP: optimizer state keyed by name

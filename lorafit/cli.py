@@ -114,12 +114,12 @@ def plan(
 
     Loads (and runs a rank allocation's statistics pass) where train would: a CUDA GPU when there is one."""
     from lorafit import loraplus, precision
-    from lorafit.adapters import saved_modules
+    from lorafit.adapters import saved_modules, tokens
     from lorafit.config import load_recipe
     from lorafit.device import compute_device
-    from lorafit.model import load_base_model, load_tokenizer
+    from lorafit.model import load_base_model
     from lorafit.quant import cpu_4bit_layout
-    from lorafit.train import BatchShape, inject_adapters, resolve_precision, training_data
+    from lorafit.train import BatchShape, inject_adapters, recipe_tokenizer, resolve_precision, training_data
 
     # The parts of train's prepare that need no optimizer and write nothing (lorafit/train.py).
     loaded, chosen = resolve_precision(load_recipe(recipe, overrides))
@@ -130,8 +130,10 @@ def plan(
         model = load_base_model(loaded.model, training=loaded.lora.rank_allocation is not None, device=device)
     load_seconds = time.perf_counter() - start
     # A rank allocation's statistics come from train's first batches, on the device train uses.
-    batches = training_data(loaded, load_tokenizer(loaded.model))[2] if loaded.lora.rank_allocation else None
-    report, allocation = inject_adapters(model, loaded, device, batches, console, show_allocation=False)
+    tokenizer, token_ids = recipe_tokenizer(loaded)
+    batches = training_data(loaded, tokenizer)[2] if loaded.lora.rank_allocation else None
+    report, allocation = inject_adapters(model, loaded, device, batches, console, show_allocation=False,
+                                         tokens=token_ids)
     memory = memory_estimate(model, report.trainable, loaded.train.optimizer, loaded.model.quantize)
     console.print(
         f"base [bold]{loaded.model.base}[/] ({type(model).__name__}, {loaded.model.dtype}, "
@@ -148,7 +150,7 @@ def plan(
     console.print(targeting_table(report))
     console.print(memory)
     console.print(BatchShape.of(loaded.train, nproc).plan_line(), highlight=False)
-    for line in (saved_modules.describe(model), loraplus.describe(model, loaded.train)):
+    for line in (saved_modules.describe(model), tokens.describe(model), loraplus.describe(model, loaded.train)):
         if line:
             console.print(line, highlight=False)
 

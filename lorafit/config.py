@@ -213,6 +213,17 @@ class DataConfig(_Section):
     # Read data.train as a stream, in order, tokenizing as training goes (nothing cached, nothing held): for
     # hub datasets larger than the disk. Needs train.max_steps; see the README for what a resume repeats.
     streaming: bool = False
+    # Tokens to add to the tokenizer (if new) whose embedding rows then train beside the adapter, e.g. a chat
+    # template's markers: PEFT's trainable_token_indices (lorafit/adapters/tokens.py).
+    add_special_tokens: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+
+    @field_validator("add_special_tokens")
+    @classmethod
+    def _distinct_tokens(cls, tokens: list[str] | None) -> list[str] | None:
+        repeated = sorted({t for t in tokens or () if tokens.count(t) > 1})
+        if repeated:
+            raise ValueError(f"lists {repeated[0]!r} twice; give each token once")
+        return tokens
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:
@@ -355,6 +366,7 @@ class Recipe(_Section):
                     (self.train.compile, "train.compile"),
                     (self.lora.init in MUTATES_BASE, f"lora.init: {self.lora.init}"),
                     (self.lora.modules_to_save, "lora.modules_to_save"),
+                    (self.data.add_special_tokens, "data.add_special_tokens"),
                     (self.train.precision == "fp16", "train.precision: fp16 (use bf16)"),
                     (self.train.optimizer != "adamw", f"train.optimizer: {self.train.optimizer} (use adamw)")]
         found = [what for blocked, what in blockers if blocked]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lorafit.adapter_io import load_adapter
+from lorafit.adapters.tokens import grow_vocabulary
 from lorafit.config import DataConfig, ModelConfig, load_recipe
 from lorafit.data import (
     NothingToScore,
@@ -115,10 +116,11 @@ def eval_plan(recipe: Path | None, base: str | None, adapters: list[Path], data:
 
 def run_eval(plan: EvalPlan, limit: int | None = None, max_new_tokens: int = 32,
              micro_batch_size: int = 16) -> list[EvalResult]:
-    tokenizer = load_tokenizer(plan.model_cfg)
+    tokenizer = load_tokenizer(plan.model_cfg, plan.adapters)  # the adapters' own when they added tokens
     task = prepare_task(tokenizer, plan.data_path, plan.data_format, plan.metrics, plan.max_seq_len, limit,
                         micro_batch_size, max_new_tokens)
     model = load_base_model(plan.model_cfg, device=compute_device(plan.device)).eval()
+    grow_vocabulary(model, len(tokenizer))  # added tokens: the base as the run started, new rows untrained
     results = [evaluate_model(model, tokenizer, task, "base")]
     for adapter in plan.adapters:
         load_adapter(model, adapter)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from lorafit.adapter_io import read_adapter_config
+from lorafit.adapter_io import TOKENS_KEY, read_adapter_config
 from lorafit.errors import LorafitError
 from lorafit.files import local_paths, refuse_overlap, write_failure, write_text_atomic
 from lorafit.gguf_check import check_llama_cpp_loadable
@@ -155,6 +155,11 @@ def export_gguf(base: str, adapter_dir: str | Path, out: str | Path, kind: str =
         raise LorafitError(f"{adapter_dir} trains whole modules ({', '.join(saved)}: lora.modules_to_save), which "
                            "export does not write yet; lorafit merge it, then convert the merged folder with "
                            "llama.cpp's convert_hf_to_gguf.py")
+    if read_adapter_config(adapter_dir).get(TOKENS_KEY):
+        raise LorafitError(f"{adapter_dir} adds tokens (data.add_special_tokens: trained embedding rows and a grown "
+                           "vocabulary), which export does not write yet, and a llama.cpp adapter cannot grow a base's "
+                           "vocabulary; lorafit merge it, then convert the merged folder with llama.cpp's "
+                           "convert_hf_to_gguf.py")
     tokenizer = _tokenizer(folder)
     if adapter_only:
         result = _export_adapter(updates, weight_files, config, adapter_dir, out, kind)

@@ -19,7 +19,7 @@ class Generator:
     def __init__(self, model_cfg: ModelConfig, adapter: Path | None = None, device: str | None = None):
         """``device``: ``--device`` (None or auto: lorafit.device's rule)."""
         device = compute_device(device)  # an unusable --device is refused before anything loads
-        self.tokenizer = load_tokenizer(model_cfg)
+        self.tokenizer = load_tokenizer(model_cfg, [adapter] if adapter is not None else ())
         self.model = load_base_model(model_cfg, device=device).eval()
         if adapter is not None:
             load_adapter(self.model, adapter)

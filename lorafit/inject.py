@@ -12,6 +12,7 @@ from lorafit.adapters import method
 from lorafit.adapters.base import AdapterLayer, TrainingHooks
 from lorafit.adapters.experts import ParamLoRA, target_path, wrap_parameters
 from lorafit.adapters.saved_modules import saved_modules, unwrap_saved, wrap_saved
+from lorafit.adapters.tokens import token_wrappers, unwrap_tokens, wrap_tokens
 from lorafit.config import LoRAConfig
 from lorafit.targets import Refinement, plan_targets
 
@@ -34,12 +35,13 @@ class InjectionReport:
 
 
 def inject_lora(model: nn.Module, lora: LoRAConfig, allocation: Refinement | None = None,
-                for_training: bool = False) -> InjectionReport:
+                for_training: bool = False, tokens: list[int] | None = None) -> InjectionReport:
     """Wrap the recipe's targets in place and leave only the adapter parameters trainable.
 
     With a rank ``allocation`` (lorafit/eva.py) the planned specs are refined first: each target takes its
     allocated rank — none at rank 0 — and A starts from the allocation's components. ``for_training`` keeps
-    the trainable weights in fp32 (the optimizer's master copy) whatever the base dtype.
+    the trainable weights in fp32 (the optimizer's master copy) whatever the base dtype. ``tokens``: ids whose
+    embedding rows train too (data.add_special_tokens; the vocabulary grows to hold them).
     """
     specs = plan_targets(model, lora)
     if allocation is not None:
@@ -48,6 +50,7 @@ def inject_lora(model: nn.Module, lora: LoRAConfig, allocation: Refinement | Non
     method(lora.variant).wrap(model, {name: spec for name, spec in specs.items() if name not in parameters}, lora)
     wrap_parameters(model, parameters, lora)
     wrap_saved(model, lora.modules_to_save)
+    wrap_tokens(model, tokens)
     set_trainable(model)
     if for_training:
         adapters_to_float32(model)
@@ -65,6 +68,7 @@ def remove_lora(model: nn.Module, unmerge: bool = True) -> None:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, module.base_layer)
     unwrap_saved(model, trained=not unmerge)  # lora.modules_to_save: the trained copies, merged or not
+    unwrap_tokens(model, merge=not unmerge)  # data.add_special_tokens: the trained rows written in, or not
 
 
 def lora_modules(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -80,14 +84,17 @@ def training_hooks(model: nn.Module, total_steps: int) -> TrainingHooks:
 
 
 def set_trainable(model: nn.Module) -> None:
-    """The one place trainability is decided: adapter parameters and lora.modules_to_save's copies train,
-    nothing else does."""
+    """The one place trainability is decided: adapter parameters, lora.modules_to_save's copies and the token
+    rows of data.add_special_tokens train, nothing else does."""
     model.requires_grad_(False)
     for module in lora_modules(model).values():
         for param in module.adapter_params().values():
             param.requires_grad_(True)
     for module in saved_modules(model).values():
         module.trained.requires_grad_(True)
+    for module in token_wrappers(model).values():
+        if not module.tied:
+            module.trainable_tokens_delta.requires_grad_(True)
 
 
 def adapters_to_float32(model: nn.Module) -> None:
@@ -97,6 +104,9 @@ def adapters_to_float32(model: nn.Module) -> None:
             param.data = param.data.float()
     for module in saved_modules(model).values():
         module.trained.float()
+    for module in token_wrappers(model).values():
+        if not module.tied:
+            module.trainable_tokens_delta.data = module.trainable_tokens_delta.data.float()
 
 
 def injection_report(model: nn.Module) -> InjectionReport:

@@ -21,11 +21,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lorafit.adapter_io import SavedUpdate, misfit_error, read_adapter, read_adapter_config, read_saved_modules
+from lorafit.adapter_io import (
+    TOKENS_KEY,
+    SavedUpdate,
+    misfit_error,
+    read_adapter,
+    read_adapter_config,
+    read_saved_modules,
+)
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir, local_paths, refuse_overlap, replace_lock, tidy_after_kill, write_failure
-from lorafit.model import DTYPES, local_source
+from lorafit.model import DTYPES, adapter_tokenizer, local_source
 
 INDEX_NAME = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -71,7 +78,8 @@ def _merge_locked(base: str, adapter_dir: Path, out: Path, dtype: str, shard_byt
         raise LorafitError(f"OUT {out} is a file; give a folder path for the merged model")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LorafitError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another OUT")
-    if read_adapter_config(adapter_dir).get("target_parameters"):
+    config = read_adapter_config(adapter_dir)
+    if config.get("target_parameters") or config.get(TOKENS_KEY):
         return _merge_loaded(base, adapter_dir, out, dtype, shard_bytes, verify, trust_remote_code)
     updates, folder, weight_files, transposed = adapter_and_base(base, adapter_dir, out)
     refuse_remote_code(folder, base, trust_remote_code)
@@ -107,9 +115,11 @@ def _merge_loaded(base: str, adapter_dir: Path, out: Path, dtype: str, shard_byt
                   trust_remote_code: bool) -> MergeResult:
     """Merge through a loaded model, for adapters of MoE expert parameters: transformers stores those experts
     per expert on disk (``experts.0.w1.weight``, ...) and fuses them on load, so the fused parameters exist only
-    in the model, and saving splits them again. Peak memory: the whole model, in its checkpoint dtype (fp32
-    when merging to float32); each update is still added in fp32 and checked before anything is written."""
-    from transformers import AutoModelForCausalLM
+    in the model, and saving splits them again. Also for adapters with trained token rows: the vocabulary grows
+    (embedding, head and config.json), and the adapter's tokenizer replaces the base's. Peak memory: the whole
+    model, in its checkpoint dtype (fp32 when merging to float32); each update is still added in fp32 and checked
+    before anything is written."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorafit.adapter_io import load_adapter
     from lorafit.inject import lora_modules, remove_lora
@@ -133,10 +143,13 @@ def _merge_loaded(base: str, adapter_dir: Path, out: Path, dtype: str, shard_byt
     if not all(torch.isfinite(weight).all() for weight in adapted):
         raise LorafitError(f"merging {adapter_dir} gives weights that overflow {dtype}; nothing was written. Merge "
                            "with --dtype float32")
+    vocab_size = model.get_input_embeddings().weight.shape[0]
     with atomic_dir(out, "the merged model") as tmp:
         model.save_pretrained(tmp, max_shard_size=shard_bytes)
         del model
-        copy_model_files(folder, tmp, dtype)
+        copy_model_files(folder, tmp, dtype, vocab_size)
+        if (own := adapter_tokenizer([adapter_dir])) is not None:
+            AutoTokenizer.from_pretrained(own, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         diff, floor = (verify_merge(tmp, base, adapter_dir, target_dtype, trust_remote_code) if verify
                        else (None, None))
         shards = len(list(tmp.glob("*.safetensors")))
@@ -288,8 +301,9 @@ class ShardWriter:
         self.pending, self.pending_bytes = {}, 0
 
 
-def copy_model_files(source: Path, target: Path, dtype: str) -> None:
-    """config (with the new dtype), generation config, tokenizer and chat template: everything but weights."""
+def copy_model_files(source: Path, target: Path, dtype: str, vocab_size: int | None = None) -> None:
+    """config (with the new dtype, and ``vocab_size`` when the vocabulary grew), generation config, tokenizer
+    and chat template: everything but weights."""
     for path in source.iterdir():
         if path.is_file() and not path.name.startswith(".") and path.name != INDEX_NAME \
                 and not path.name.endswith(_WEIGHT_SUFFIXES):
@@ -297,6 +311,8 @@ def copy_model_files(source: Path, target: Path, dtype: str) -> None:
     config_path = target / "config.json"
     config = json.loads(config_path.read_text())
     config.pop("quantization_config", None)
+    if vocab_size is not None:
+        (config.get("text_config") if "vocab_size" not in config else config)["vocab_size"] = vocab_size
     config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = dtype
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

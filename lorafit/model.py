@@ -96,8 +96,9 @@ def converted_gguf(source: BaseSource, model_cfg: ModelConfig) -> Path:
     return folder
 
 
-def load_tokenizer(model_cfg: ModelConfig):
-    """The base model's tokenizer, with a pad token that is safe for training.
+def load_tokenizer(model_cfg: ModelConfig, adapters: list[Path] | tuple[Path, ...] = ()):
+    """The base model's tokenizer — or the one saved beside these adapters (a run that added tokens saves
+    its tokenizer with the adapter) — with a pad token that is safe for training.
 
     Labels are always built from sequence lengths, never by comparing ids with ``pad_token_id``, so a
     pad token equal to EOS (SmolLM2 ships that way) can never hide the EOS we want the model to learn.
@@ -105,13 +106,36 @@ def load_tokenizer(model_cfg: ModelConfig):
     """
     from transformers import AutoTokenizer
 
-    source = local_source(model_cfg)
-    tokenizer = _from_pretrained(
-        AutoTokenizer, source.location, model_cfg.base, trust_remote_code=model_cfg.trust_remote_code
-    )
+    own = adapter_tokenizer(adapters)
+    if own is not None:
+        tokenizer = AutoTokenizer.from_pretrained(own, trust_remote_code=model_cfg.trust_remote_code)
+    else:
+        source = local_source(model_cfg)
+        tokenizer = _from_pretrained(
+            AutoTokenizer, source.location, model_cfg.base, trust_remote_code=model_cfg.trust_remote_code
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+TOKENIZER_FILE = "tokenizer_config.json"
+
+
+def adapter_tokenizer(adapters: list[Path] | tuple[Path, ...]) -> Path | None:
+    """The adapter folder whose tokenizer to use (None: the base's). Adapters that carry tokenizers must carry
+    the same vocabulary: one tokenizer reads the data for all of them."""
+    owners = [Path(a) for a in adapters if (Path(a) / TOKENIZER_FILE).is_file()]
+    if not owners:
+        return None
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(owners[0]).get_vocab()
+    other = next((a for a in owners[1:] if AutoTokenizer.from_pretrained(a).get_vocab() != vocab), None)
+    if other is not None:
+        raise LorafitError(f"adapters {owners[0]} and {other} carry tokenizers with different vocabularies "
+                           "(data.add_special_tokens differed); evaluate them in separate runs")
+    return owners[0]
 
 
 def load_base_model(model_cfg: ModelConfig, training: bool = False,

@@ -30,6 +30,7 @@ from rich.console import Console
 from lorafit import loraplus, precision
 from lorafit.adapter_io import adapter_content, save_adapter_content, start_from_adapter
 from lorafit.adapters.base import TrainingHooks
+from lorafit.adapters.tokens import add_tokens
 from lorafit.checkpoint import (
     check_output_dir,
     latest_checkpoint,
@@ -199,7 +200,13 @@ class Run:
         """OUT/checkpoints/step-NNNNNN after ``step`` steps (every process calls it; the main one writes)."""
         return save_checkpoint(self.out, step, self.model, self.optimizer, self.scheduler, self.hooks, self.recipe,
                                self.cfg.keep_last, self.main, objective=self.objective,
-                               data_state=self.batches.state_dict(step * self.cfg.grad_accum))
+                               data_state=self.batches.state_dict(step * self.cfg.grad_accum),
+                               tokenizer=self.saved_tokenizer)
+
+    @property
+    def saved_tokenizer(self) -> Any:
+        """The tokenizer to save beside the adapter: this run's when it added tokens (else the base's serves)."""
+        return self.tokenizer if self.recipe.data.add_special_tokens else None
 
 
 def prepare(recipe: Recipe, resume: str | None = None, console: Console | None = None, *, main: bool = True,
@@ -219,7 +226,7 @@ def prepare(recipe: Recipe, resume: str | None = None, console: Console | None =
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
     # Data first: a bad file must fail before anything lands in OUT or a model loads for nothing.
-    tokenizer = load_tokenizer(recipe.model)
+    tokenizer, token_ids = recipe_tokenizer(recipe)
     rank, world = accelerator.process_index, accelerator.num_processes
     train_data, eval_data, batches = training_data(recipe, tokenizer, rank, world, console)
     report_data(console, train_data, eval_data, recipe.data.train)
@@ -229,7 +236,8 @@ def prepare(recipe: Recipe, resume: str | None = None, console: Console | None =
     random.seed(cfg.seed)
     model = load_base_model(recipe.model, training=True, device=accelerator.device)
     report, allocation = inject_adapters(model, recipe, accelerator.device, batches, console,
-                                         resumed_out=out if checkpoint else None, for_training=True)
+                                         resumed_out=out if checkpoint else None, for_training=True,
+                                         tokens=token_ids)
     ready_for_training(model, cfg, accelerator.device, console)
     console.print(targeting_table(report))
 
@@ -299,7 +307,7 @@ def finish(run: Run, done: StepResult, base_eval_loss: float | None, eval_loss: 
     ranks = chosen_ranks(run.model, run.allocation)
     adapter = adapter_content(run.model, run.recipe.model.base)  # every process: gathered from the shards with FSDP
     if run.main:
-        save_adapter_content(adapter_dir, adapter)
+        save_adapter_content(adapter_dir, adapter, run.saved_tokenizer)
         plot_losses(run.out / "metrics.jsonl", run.out / "loss.png")
         if ranks is not None:
             how = "EVA allocation" if run.allocation else "kept after pruning"
@@ -412,18 +420,25 @@ def training_data(recipe: Recipe, tokenizer, rank: int = 0, world: int = 1, cons
 
 def inject_adapters(model: torch.nn.Module, recipe: Recipe, device: torch.device,
                     batches: Batches | StreamBatches | None, console: Console, *, resumed_out: Path | None = None,
-                    show_allocation: bool = True, for_training: bool = False
+                    show_allocation: bool = True, for_training: bool = False, tokens: list[int] | None = None
                     ) -> tuple[InjectionReport, RankAllocation | None]:
     """Wrap the recipe's targets in ``model`` (on ``device``), at the ranks ``lora.rank_allocation`` gives
     when set (see ``rank_allocation``; ``batches`` may be None without one). ``train`` and ``plan`` both
     build their model here, so plan shows the ranks and counts train would train. ``for_training``: fp32
-    adapter weights (the optimizer's master copy), whatever the base dtype."""
+    adapter weights (the optimizer's master copy), whatever the base dtype. ``tokens``: the ids of
+    data.add_special_tokens (``recipe_tokenizer``), whose rows train too."""
     allocation = rank_allocation(model, recipe.lora, batches, device, resumed_out, console, show=show_allocation)
-    report = inject_lora(model, recipe.lora, allocation, for_training=for_training)
+    report = inject_lora(model, recipe.lora, allocation, for_training=for_training, tokens=tokens)
     if recipe.lora.init_from is not None:  # before a resume's checkpoint: DPO's reference is this starting adapter
         start_from_adapter(model, recipe.lora.init_from)
         console.print(f"starting from the adapter in {recipe.lora.init_from}", highlight=False)
     return report, allocation
+
+
+def recipe_tokenizer(recipe: Recipe) -> tuple[Any, list[int]]:
+    """The base's tokenizer with data.add_special_tokens added, and those tokens' ids (empty without any)."""
+    tokenizer = load_tokenizer(recipe.model)
+    return tokenizer, add_tokens(tokenizer, recipe.data.add_special_tokens)
 
 
 def rank_allocation(model, lora: LoRAConfig, batches: Batches, device: torch.device, resumed_out: Path | None,
