@@ -9,7 +9,7 @@ Parts are named ``lora_A`` / ``lora_B`` exactly as PEFT names them, so saving is
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from lorafit.errors import LorafitError
 if TYPE_CHECKING:
     from lorafit.config import LoRAConfig
 
-InitKind = Literal["kaiming", "gaussian", "pissa", "olora", "loftq"]  # the last three: lorafit/adapters/init.py
+InitKind = str  # lora.init: one of lorafit/adapters/recipes.py's INIT_NAMES (from the base: lorafit/adapters/init.py)
 KEY_PREFIX = "base_model.model."
 PARTS = ("lora_A.weight", "lora_B.weight")
 
