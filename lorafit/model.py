@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lorafit import precision
+from lorafit.attention import use_fp32_attention
 from lorafit.config import ModelConfig, locate_package_file
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
@@ -173,6 +174,7 @@ def load_base_model(model_cfg: ModelConfig, training: bool = False,
         set_cpu_4bit_layout(model, training)
     else:
         model.to(device)
+    use_fp32_attention(model)  # CPU: 16-bit attention runs its kernel in fp32 (faster there: lorafit/attention.py)
     return model
 
 

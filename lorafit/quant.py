@@ -10,6 +10,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lorafit.errors import LorafitError
 
@@ -115,13 +116,22 @@ class _FourBitLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_in, lora_A, lora_B, layer, scaling):
         import bitsandbytes as bnb  # loaded already: the model has 4-bit layers
+        from bitsandbytes.functional import dequantize_4bit
 
         dtype = x.dtype
-        out = bnb.matmul_4bit(x, layer.weight, quant_state=layer.weight.quant_state)  # (N, out), no grad here
-        if layer.bias is not None:
-            out += layer.bias.to(dtype)
+        bias = None if layer.bias is None else layer.bias.to(dtype)
         down = lora_in @ lora_A.to(dtype).T  # (N, r)
-        out.addmm_(down, lora_B.to(dtype).T, alpha=scaling)
+        if dtype in (torch.bfloat16, torch.float16):
+            # One rounding, as lorafit/adapters/lora.py's one_rounding_linear: the update joins the base output in
+            # the GEMM's fp32 accumulator ([x | down] @ [W | s·B]ᵀ); added to a rounded 16-bit output, updates
+            # below half its spacing would be lost (QLoRA learned like bf16 LoRA, far slower than PEFT's).
+            weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)  # what matmul_4bit does
+            out = F.linear(torch.cat([x, down], dim=1), torch.cat([weight, (lora_B * scaling).to(dtype)], dim=1), bias)
+        else:
+            out = bnb.matmul_4bit(x, layer.weight, quant_state=layer.weight.quant_state)  # (N, out), no grad here
+            if bias is not None:
+                out += bias
+            out.addmm_(down, lora_B.to(dtype).T, alpha=scaling)
         ctx.save_for_backward(lora_in, down, lora_A, lora_B)
         ctx.layer, ctx.scaling = layer, scaling
         return out

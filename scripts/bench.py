@@ -87,9 +87,12 @@ def rows_for(config: str, compute: str, compile_rows: bool, checkpointing: bool)
             rows.append(Row("peft dora+autocast", "peft", compute, autocast=True, variant="dora"))
         return rows
     if config == "qlora-1b":  # memory: QLoRA against PEFT's QLoRA and against lorafit over the unquantized base
-        return [Row("lorafit", "lorafit", compute),
+        rows = [Row("lorafit", "lorafit", compute),
                 Row("lorafit, 16/32-bit base", "lorafit", compute, baseline=True, unquantized=True),
                 Row("peft", "peft", compute, weights=compute, autocast=bf16)]
+        if bf16:  # PEFT's second QLoRA setup, as in qlora: the spread of two correct runs is the gate's band
+            rows.append(Row("peft fp32 4-bit compute", "peft", compute, weights="float32", autocast=True))
+        return rows
     lorafit = [Row("lorafit", "lorafit", compute)]
     if compile_rows and config != "qlora":
         lorafit.append(Row("lorafit+compile", "lorafit", compute, compile=True))

@@ -180,13 +180,16 @@ def test_qlora_1b_compares_memory_with_peft_qlora_and_with_lorafit_over_the_unqu
     rows = bench.rows_for("qlora-1b", BF16, compile_rows=True, checkpointing=True)
     assert [(r.name, r.weights, r.autocast, r.baseline, r.unquantized) for r in rows] == [
         ("lorafit", "float32", False, False, False), ("lorafit, 16/32-bit base", "float32", False, True, True),
-        ("peft", BF16, True, False, False)]
+        ("peft", BF16, True, False, False), ("peft fp32 4-bit compute", "float32", True, False, False)]
+    assert [r.name for r in bench.rows_for("qlora-1b", FP32, True, True)] == [
+        "lorafit", "lorafit, 16/32-bit base", "peft"]  # fp32: PEFT has one setup
     assert bench.CONFIGS["qlora-1b"] == "4bit" and bench.SHAPES["qlora-1b"] == (2, 512, 3)
     assert bench.compute_dtype("qlora-1b", native_bf16=False) == FP32
     losses = [10.9, 10.8, 10.7]
     runs = {"lorafit": [run("lorafit", 30, 2.0, losses, BF16, True)],
             "lorafit, 16/32-bit base": [run("lorafit, 16/32-bit base", 40, 5.0, losses, BF16)],
-            "peft": [run("peft", 20, 4.0, losses, BF16, True)]}
+            "peft": [run("peft", 20, 4.0, losses, BF16, True)],
+            "peft fp32 4-bit compute": [run("peft fp32 4-bit compute", 20, 4.5, [10.95, 10.8, 10.7], BF16, True)]}
     t = summarize(rows, runs, BF16)
     assert t["lorafit"]["memory_vs_baseline"] == 0.4 and t["lorafit"]["memory_ratio"] == 0.5
     assert t["lorafit"]["gate"]["oracle"] == "peft" and t["lorafit"]["gate"]["passed"]

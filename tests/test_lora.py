@@ -11,12 +11,13 @@ from lorafit.adapters.lora import LoRALinear, lora_scaling
 from .tolerance import assert_close_by_rule
 
 
-def took_fused_path(out: torch.Tensor) -> bool:
-    """The fused path ends in an in-place addmm_ on the 2-D base output, then a view back to x's shape."""
+def took_fused_path(out: torch.Tensor, rounded_once: bool = False) -> bool:
+    """The fused path ends in an in-place addmm_ on the 2-D base output (or, over a 16-bit base weight, in the
+    one-rounding GEMM), then a view back to x's shape."""
     node = out.grad_fn
     while node is not None and type(node).__name__.startswith("View"):
         node = node.next_functions[0][0]
-    return node is not None and type(node).__name__ == "AddmmBackward0"
+    return node is not None and type(node).__name__ == ("_OneRoundingBackward" if rounded_once else "AddmmBackward0")
 
 
 def make_layer(r=4, alpha=8.0, bias=True, seed=0, **kwargs) -> tuple[nn.Linear, LoRALinear]:
@@ -104,7 +105,7 @@ def test_bf16_compute_takes_the_fused_path_with_fp32_lora_weights(autocast):
     x = torch.randn(3, 5, 16, dtype=torch.float32 if autocast else torch.bfloat16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = layer(x)
-    assert out.dtype == torch.bfloat16 and took_fused_path(out)
+    assert out.dtype == torch.bfloat16 and took_fused_path(out, rounded_once=not autocast)
     upstream = torch.randn(3, 5, 24)
     out.backward(upstream.bfloat16())
     expected, grads = formula_and_grads(layer, x, upstream)
@@ -202,3 +203,37 @@ def test_gradients_reach_only_adapter():
     layer(torch.randn(2, 16)).sum().backward()
     assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
     assert base.weight.grad is None
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("rounded_once", [True, False])
+def test_over_a_bf16_base_an_update_below_half_a_rounding_step_still_moves_the_output(rounded_once, monkeypatch):
+    """The reason for the one-rounding GEMM (one_rounding_linear): rounding the base output to bf16 and then
+    adding a tiny update rounds it away, nearly every element, every time; rounded once with the base output,
+    the update carries each element across a rounding boundary with a probability proportional to its size,
+    so on average the output moves by the update. The update here is 2^-12 of the output's size on average,
+    far below half of bf16's spacing (2^-9 relative) for most elements. The least-squares slope of the
+    output's change on the update is 1 for an unbiased rounding (262k elements: sampling error ~1%)."""
+    from lorafit.adapters import lora
+
+    if not rounded_once:
+        monkeypatch.setattr(lora, "ROUNDED_ONCE", ())  # the two-rounding form, for contrast
+    torch.manual_seed(0)
+    base = nn.Linear(256, 256, bias=False).to(torch.bfloat16).requires_grad_(False)
+    layer = LoRALinear(base, r=1, alpha=1.0)
+    x = torch.randn(1024, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for param in (layer.lora_A.weight, layer.lora_B.weight):
+            param.data = param.data.float()  # fp32 masters, as training keeps them
+        plain = base(x).float()
+        layer.lora_A.weight.fill_(1.0 / 256)  # A·x: each row's mean
+        layer.lora_B.weight.normal_()
+        update = layer.scaling * (x.float() @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
+        layer.lora_B.weight.mul_(plain.abs().mean() / update.abs().mean() / 2**12)
+        update = update * (plain.abs().mean() / update.abs().mean() / 2**12)
+        moved = layer(x).float() - plain
+    slope = float((moved * update).sum() / (update * update).sum())
+    if rounded_once:
+        assert slope == pytest.approx(1.0, abs=0.05)
+    else:
+        assert abs(slope) < 0.3  # mostly lost
