@@ -44,6 +44,10 @@ def use_fp32_attention(model: torch.nn.Module) -> bool:
     weight = next(model.parameters(), None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or weight is None or weight.device.type != "cpu":
         return False  # fp32 inputs pass through sdpa_in_fp32 untouched, so the dtype is decided per call
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
     AttentionInterface.register(NAME, sdpa_in_fp32)
+    # The masks sdpa gets (padding, packed sequences): transformers builds none for an attention it does not know.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
     return True

@@ -13,11 +13,21 @@ from .tolerance import assert_close_by_rule, reduction_through
 INPUT = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def test_a_cpu_model_on_sdpa_is_switched_and_fp32_passes_through_bit_exactly():
+# Padding (a left-padded row) and packing (two sequences in one row, positions restarting; transformers builds
+# the block-diagonal mask without a cache, as in training): sdpa's masks.
+MASK = torch.ones_like(INPUT).index_fill_(1, torch.arange(5), 0) * torch.tensor([[0], [1]]) + torch.tensor([[1], [0]])
+POSITIONS = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, -1)
+
+
+@pytest.mark.parametrize("inputs", [{}, {"attention_mask": MASK}, {"position_ids": POSITIONS, "use_cache": False}],
+                         ids=["causal", "padded", "packed"])
+def test_a_cpu_model_on_sdpa_is_switched_and_fp32_passes_through_bit_exactly(inputs):
     model = tiny_model()
-    before = model(INPUT).logits
+    before = model(INPUT, **inputs).logits
     assert use_fp32_attention(model) and model.config._attn_implementation == NAME
-    assert torch.equal(model(INPUT).logits, before)  # fp32 inputs: the same sdpa call as before
+    assert torch.equal(model(INPUT, **inputs).logits, before)  # fp32: the same sdpa call, with the same mask
+    if inputs:
+        assert not torch.equal(before, model(INPUT).logits)  # the mask matters here
 
 
 def test_an_eager_model_is_left_alone():
@@ -36,10 +46,10 @@ def test_a_bf16_model_with_fp32_attention_stays_within_bf16_of_the_fp32_model_fo
     model = tiny_model().to(torch.bfloat16)
     use_fp32_attention(model)
     embedded = model.get_input_embeddings()(INPUT).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embedded).logits
+    logits = model(inputs_embeds=embedded, position_ids=POSITIONS, use_cache=False).logits  # packed: masked
     assert logits.dtype == torch.bfloat16
     ref_embedded = embedded.detach().float().requires_grad_(True)
-    expected = reference(inputs_embeds=ref_embedded).logits
+    expected = reference(inputs_embeds=ref_embedded, position_ids=POSITIONS, use_cache=False).logits
     reduction = reduction_through(reference, tokens=INPUT.numel())
     assert_close_by_rule(logits, expected, reduction=reduction)
     upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
