@@ -4,8 +4,9 @@ Measured on a 2-core Intel Xeon with AMX (family 6 model 207, torch 2.13, 2026-1
 r=16 all-linear, 4 x 256 tokens: attention was 27% of a bf16 training step against 11% of an fp32 one
 (``scripts/profile_step.py``): CPU flash attention's backward is slower on bf16 inputs than on fp32 ones.
 Casting q, k and v to fp32 for the kernel and its output back (four [batch, heads, tokens, 64] casts per layer)
-made the whole training step 16% faster (median of 8 alternating steps in one process: 1.46 s against
-1.75 s). It is also more exact: no rounding of the attention's inputs' gradients to bf16 inside the kernel.
+made the whole training step 8% faster (median of 8 alternating steps in one process, packed batches:
+1.33 s against 1.45 s). It is also more exact: no rounding of the attention's inputs' gradients to bf16
+inside the kernel.
 
 ``use_fp32_attention(model)`` switches a loaded model to it: only models on transformers' ``sdpa`` attention on
 the CPU (a GPU's bf16 flash kernels are fast as they are); fp32 inputs pass through unchanged.

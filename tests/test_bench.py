@@ -148,14 +148,16 @@ def test_fp32_rows_are_gated_against_peft_at_the_fp32_floor():
 
 def test_bf16_rows_are_gated_against_peft_in_their_own_setup_with_the_other_setup_as_the_band():
     rows = bench.rows_for("bf16", BF16, compile_rows=False, checkpointing=False)
-    assert [(r.name, r.weights, r.autocast) for r in rows] == [
-        ("lorafit", "float32", False), ("peft", BF16, False), ("peft+autocast", "float32", True)]
+    assert [(r.name, r.weights, r.autocast, r.reference) for r in rows] == [
+        ("lorafit", "float32", False, False), ("peft", BF16, False, False), ("peft+autocast", "float32", True, False),
+        ("peft fp32 (reference)", "float32", False, True)]
     peft = [2.0, 1.0, 0.05, 0.03]  # losses this small made the old per-step relative gate fail
     autocast = [2.0, 1.01, 0.06, 0.05]
     lorafit = [2.0, 1.005, 0.04, 0.05]  # 67% off at the last step, 0.031 / 3.08 = 1.0e-2 over the curve
     runs = {"lorafit": [run("lorafit", 400, 1, lorafit, BF16)],  # lorafit's plan: bf16 weights, no autocast
             "peft": [run("peft", 200, 4, peft, BF16)],
-            "peft+autocast": [run("peft+autocast", 100, 2, autocast, autocast=True)]}
+            "peft+autocast": [run("peft+autocast", 100, 2, autocast, autocast=True)],
+            "peft fp32 (reference)": [run("peft fp32 (reference)", 50, 8, [1.9, 0.5, 0.02, 0.01])]}
     t = summarize(rows, runs, BF16)
     lorafit_row = t["lorafit"]
     assert lorafit_row["speed_ratio"] == 2.0 and lorafit_row["memory_ratio"] == 0.25  # vs the faster PEFT setup
@@ -164,6 +166,22 @@ def test_bf16_rows_are_gated_against_peft_in_their_own_setup_with_the_other_setu
     assert gate["oracle"] == "peft" and gate["peers"] == ["peft+autocast"]
     assert gate["spread"] == pytest.approx(0.04 / 3.08) and gate["band"] == pytest.approx(SPREAD_SLACK * 0.04 / 3.08)
     assert gate["distance"] == pytest.approx(0.035 / 3.08) and gate["passed"]
+
+
+def test_a_bf16_row_that_learns_like_fp32_passes_against_peft_fp32_and_a_wrong_one_fails_both():
+    """lorafit's once-rounded bf16 tracks PEFT's fp32 run, not PEFT's bf16 setups: it passes when within the
+    band (PEFT's two bf16 setups' spread) of either reference; a curve far from both fails."""
+    rows = bench.rows_for("bf16", BF16, compile_rows=False, checkpointing=False)
+    peft, autocast, fp32 = [2.0, 1.0, 0.5, 0.3], [2.0, 1.01, 0.51, 0.31], [2.0, 0.8, 0.4, 0.2]
+    runs = {"peft": [run("peft", 200, 4, peft, BF16)],
+            "peft+autocast": [run("peft+autocast", 100, 2, autocast, autocast=True)],
+            "peft fp32 (reference)": [run("peft fp32 (reference)", 50, 8, fp32)]}
+    like_fp32 = summarize(rows, {**runs, "lorafit": [run("lorafit", 400, 1, [2.0, 0.802, 0.401, 0.2], BF16)]}, BF16)
+    gate = like_fp32["lorafit"]["gate"]
+    assert gate["passed"] and gate["oracle"] == "peft fp32 (reference)" and gate["distance"] < gate["band"]
+    assert "gate" not in like_fp32["peft fp32 (reference)"]
+    wrong = summarize(rows, {**runs, "lorafit": [run("lorafit", 400, 1, [2.0, 1.3, 0.8, 0.6], BF16)]}, BF16)
+    assert not wrong["lorafit"]["gate"]["passed"] and wrong["lorafit"]["gate"]["oracle"] == "peft"
 
 
 def test_qlora_in_bf16_has_two_peft_setups_and_gates_lorafit_against_its_own():
@@ -180,16 +198,13 @@ def test_qlora_1b_compares_memory_with_peft_qlora_and_with_lorafit_over_the_unqu
     rows = bench.rows_for("qlora-1b", BF16, compile_rows=True, checkpointing=True)
     assert [(r.name, r.weights, r.autocast, r.baseline, r.unquantized) for r in rows] == [
         ("lorafit", "float32", False, False, False), ("lorafit, 16/32-bit base", "float32", False, True, True),
-        ("peft", BF16, True, False, False), ("peft fp32 4-bit compute", "float32", True, False, False)]
-    assert [r.name for r in bench.rows_for("qlora-1b", FP32, True, True)] == [
-        "lorafit", "lorafit, 16/32-bit base", "peft"]  # fp32: PEFT has one setup
+        ("peft", BF16, True, False, False)]
     assert bench.CONFIGS["qlora-1b"] == "4bit" and bench.SHAPES["qlora-1b"] == (2, 512, 3)
     assert bench.compute_dtype("qlora-1b", native_bf16=False) == FP32
     losses = [10.9, 10.8, 10.7]
     runs = {"lorafit": [run("lorafit", 30, 2.0, losses, BF16, True)],
             "lorafit, 16/32-bit base": [run("lorafit, 16/32-bit base", 40, 5.0, losses, BF16)],
-            "peft": [run("peft", 20, 4.0, losses, BF16, True)],
-            "peft fp32 4-bit compute": [run("peft fp32 4-bit compute", 20, 4.5, [10.95, 10.8, 10.7], BF16, True)]}
+            "peft": [run("peft", 20, 4.0, losses, BF16, True)]}
     t = summarize(rows, runs, BF16)
     assert t["lorafit"]["memory_vs_baseline"] == 0.4 and t["lorafit"]["memory_ratio"] == 0.5
     assert t["lorafit"]["gate"]["oracle"] == "peft" and t["lorafit"]["gate"]["passed"]
