@@ -202,6 +202,9 @@ def compile_layers(model: torch.nn.Module, device: torch.device) -> int:
     if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
         raise LorafitError("train.compile on CPU needs a C++ compiler (g++ or clang++) for torch.compile; "
                            "install one (e.g. apt install g++) or set train.compile: false")
+    # Inductor's compiled kernels and graphs are cached on disk and reused by the next run with the same
+    # shapes and code; kept beside lorafit's other caches rather than in /tmp, which a reboot empties.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

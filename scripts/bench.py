@@ -328,6 +328,7 @@ def main() -> int:
     report = {"machine": host, "config": {"base": args.base, "r": RANK, "alpha": ALPHA, "micro_batch": BATCH,
                                           "seq": SEQ, "steps": args.steps, "warmup": WARMUP, "rounds": args.rounds},
               "results": []}
+    best_peaks: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             compute = compute_dtype(config, host["native_bf16"])
@@ -336,9 +337,12 @@ def main() -> int:
                 continue
             rows = rows_for(config, compute, not args.no_compile, args.checkpointing)
             dtypes = sorted({row.compute for row in rows})
-            peaks = {dtype: matmul_peak(dtype) for dtype in dtypes}  # before and after the runs: the best of both
+            # Before and after the runs, and the best of every earlier config of this bench run: on a shared VM
+            # the same matmul measured 799 to 2,243 GFLOP/s (bf16, AMX) within one run, and a low peak inflates MFU.
+            peaks = {dtype: max(matmul_peak(dtype), best_peaks.get(dtype, 0.0)) for dtype in dtypes}
             runs = run_rows(config, rows, args, Path(tmp))
             peaks = {dtype: max(peak, matmul_peak(dtype)) for dtype, peak in peaks.items()}
+            best_peaks.update(peaks)
             summary = summarize(config, compute, CONFIGS[config], rows, runs, peaks)
             summary["micro_batch"], summary["seq"], summary["steps"] = SHAPES.get(config, (BATCH, SEQ, args.steps))
             report["results"].append(summary)
