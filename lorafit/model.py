@@ -19,7 +19,7 @@ from lorafit.attention import use_fp32_attention
 from lorafit.config import ModelConfig, locate_package_file
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
-from lorafit.quant import compute_residual_in_fp32, quantization_config, set_cpu_4bit_layout
+from lorafit.quant import compute_residual_in_fp32, own_unquantized_weights, quantization_config, set_cpu_4bit_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -170,6 +170,7 @@ def load_base_model(model_cfg: ModelConfig, training: bool = False,
     model.requires_grad_(False)
     if model_cfg.quantize:
         compute_residual_in_fp32(model)
+        own_unquantized_weights(model)  # lets go of the checkpoint's memory map
         release_freed_memory()
         set_cpu_4bit_layout(model, training)
     else:
