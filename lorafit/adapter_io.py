@@ -329,6 +329,8 @@ def start_from_adapter(model: nn.Module, folder: str | Path) -> None:
     problems += [f"module {name}: the adapter adapts it, the recipe does not" for name in updates if name not in layers]
     for name in layers.keys() & updates.keys():
         problems += _start_misfits(name, layers[name], updates[name])
+    rows, owned = split_tokens(_read_weights(folder))[0], {n: m for n, m in token_wrappers(model).items() if not m.tied}
+    problems += _token_misfits(rows, owned, config.get(TOKENS_KEY), token_config(model))
     if not problems:
         layer = type(next(iter(layers.values())))
         saved = _read_weights(folder)
@@ -343,6 +345,22 @@ def start_from_adapter(model: nn.Module, folder: str | Path) -> None:
                            + "\n".join(f"  {p}" for p in shown))
     for name, layer in layers.items():
         layer.load_saved(updates[name].tensors)
+    with torch.no_grad():
+        for name, module in owned.items():  # data.add_special_tokens: the rows the adapter trained
+            module.trainable_tokens_delta.copy_(rows[name])
+
+
+def _token_misfits(rows: dict[str, torch.Tensor], owned: dict[str, Any], saved_ids: Any, recipe_ids: Any) -> list[str]:
+    """What differs between the adapter's trained token rows and those data.add_special_tokens gives the recipe."""
+    if set(rows) != set(owned):
+        return [f"trained token rows (data.add_special_tokens): the adapter has them in {sorted(rows) or 'no layer'}, "
+                f"the recipe in {sorted(owned) or 'no layer'}; list the tokens the adapter was trained with"]
+    if rows and saved_ids != recipe_ids:
+        return [f"trained token rows: ids {saved_ids} in the adapter, {recipe_ids} in the recipe; list the same tokens "
+                "in the same order in data.add_special_tokens"]
+    return [f"{name}: trained token rows of shape {tuple(rows[name].shape)} in the adapter, "
+            f"{tuple(m.trainable_tokens_delta.shape)} in the recipe" for name, m in owned.items()
+            if rows[name].shape != m.trainable_tokens_delta.shape]
 
 
 def _start_misfits(name: str, ours: AdapterLayer, found: SavedUpdate) -> list[str]:

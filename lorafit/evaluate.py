@@ -29,7 +29,7 @@ from lorafit.errors import LorafitError
 from lorafit.files import local_paths
 from lorafit.inject import remove_lora
 from lorafit.loss import evaluate_loss
-from lorafit.model import load_base_model, load_tokenizer
+from lorafit.model import adapter_tokenizer, load_base_model, load_tokenizer
 from lorafit.preference import Pair, tokenize_preference_rows
 from lorafit.preference_train import score_pairs
 from lorafit.token_cache import load_tokenized
@@ -120,7 +120,8 @@ def run_eval(plan: EvalPlan, limit: int | None = None, max_new_tokens: int = 32,
     task = prepare_task(tokenizer, plan.data_path, plan.data_format, plan.metrics, plan.max_seq_len, limit,
                         micro_batch_size, max_new_tokens)
     model = load_base_model(plan.model_cfg, device=compute_device(plan.device)).eval()
-    grow_vocabulary(model, len(tokenizer))  # added tokens: the base as the run started, new rows untrained
+    if adapter_tokenizer(plan.adapters) is not None:  # added tokens: the base as the run started, rows untrained
+        grow_vocabulary(model, len(tokenizer))
     results = [evaluate_model(model, tokenizer, task, "base")]
     for adapter in plan.adapters:
         load_adapter(model, adapter)

@@ -231,3 +231,23 @@ def test_an_interrupted_run_resumes_to_the_same_rows(tmp_path, monkeypatch):
         ran("resumed")
     resumed = ran("resumed", resume="latest")
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_init_from_an_adapter_with_token_rows_starts_from_them_and_a_recipe_without_them_is_refused(tmp_path, tied):
+    from lorafit.adapter_io import start_from_adapter
+
+    trained = ours(tied)
+    save_adapter(trained, tmp_path / "sft")
+    model = tiny_model(tie_word_embeddings=tied)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=TARGETS), tokens=IDS)
+    start_from_adapter(model, tmp_path / "sft")
+    assert torch.equal(model(INPUT).logits, trained(INPUT).logits)  # the same code on the same weights
+    plain = tiny_model(tie_word_embeddings=tied)
+    inject_lora(plain, LoRAConfig(r=4, alpha=8, target_modules=TARGETS))
+    with pytest.raises(LorafitError, match="trained token rows .data.add_special_tokens.: the adapter has them"):
+        start_from_adapter(plain, tmp_path / "sft")
+    other = tiny_model(tie_word_embeddings=tied)
+    inject_lora(other, LoRAConfig(r=4, alpha=8, target_modules=TARGETS), tokens=[129, 128])
+    with pytest.raises(LorafitError, match="list the same tokens in the same order"):
+        start_from_adapter(other, tmp_path / "sft")
