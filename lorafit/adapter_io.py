@@ -331,6 +331,8 @@ def start_from_adapter(model: nn.Module, folder: str | Path) -> None:
         problems += _start_misfits(name, layers[name], updates[name])
     rows, owned = split_tokens(_read_weights(folder))[0], {n: m for n, m in token_wrappers(model).items() if not m.tied}
     problems += _token_misfits(rows, owned, config.get(TOKENS_KEY), token_config(model))
+    copies, wrapped = read_saved_modules(folder), saved_modules(model)
+    problems += _copy_misfits(copies, wrapped)
     if not problems:
         layer = type(next(iter(layers.values())))
         saved = _read_weights(folder)
@@ -348,6 +350,19 @@ def start_from_adapter(model: nn.Module, folder: str | Path) -> None:
     with torch.no_grad():
         for name, module in owned.items():  # data.add_special_tokens: the rows the adapter trained
             module.trainable_tokens_delta.copy_(rows[name])
+    for name, module in wrapped.items():  # lora.modules_to_save: the copies the adapter trained
+        module.trained.load_state_dict(copies[name])
+
+
+def _copy_misfits(copies: dict[str, dict[str, torch.Tensor]], wrapped: dict[str, Any]) -> list[str]:
+    """What differs between the adapter's modules_to_save copies and the recipe's lora.modules_to_save."""
+    if set(copies) != set(wrapped):
+        return [f"lora.modules_to_save: the adapter trained copies of {sorted(copies) or 'no module'}, the recipe "
+                f"of {sorted(wrapped) or 'no module'}; list the modules the adapter was trained with"]
+    return [f"lora.modules_to_save {name}: the adapter's copy holds other tensors or shapes than the recipe's"
+            for name, module in wrapped.items()
+            if {k: v.shape for k, v in module.trained.state_dict().items()} != {k: v.shape for k, v in
+                                                                               copies[name].items()}]
 
 
 def _token_misfits(rows: dict[str, torch.Tensor], owned: dict[str, Any], saved_ids: Any, recipe_ids: Any) -> list[str]:

@@ -106,3 +106,18 @@ def test_plan_lists_the_matched_modules(tmp_path, tiny_model_dir):
     text = " ".join(result.stdout.split())
     assert "modules_to_save (full trainable copies): lm_head (4,096 parameters)" in text
     assert "A 3 tensors" in text  # LoRA+: lm_head's copy trains at A's lr, as in PEFT
+
+
+def test_init_from_an_adapter_with_copies_starts_from_them_and_a_recipe_without_them_is_refused(tmp_path, input_ids):
+    from lorafit.adapter_io import start_from_adapter
+
+    trained = ours()
+    save_adapter(trained, tmp_path / "sft")
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=TARGETS, modules_to_save=SAVED))
+    start_from_adapter(model, tmp_path / "sft")
+    assert torch.equal(model(input_ids).logits, trained(input_ids).logits)  # the same code on the same weights
+    plain = tiny_model()
+    inject_lora(plain, LoRAConfig(r=4, alpha=8, target_modules=TARGETS))
+    with pytest.raises(LorafitError, match="the adapter trained copies of .'lm_head'"):
+        start_from_adapter(plain, tmp_path / "sft")
