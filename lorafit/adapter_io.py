@@ -11,6 +11,7 @@ pickle is ever read."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,10 @@ from lorafit.adapters.tokens import CONFIG_KEY as TOKENS_KEY
 from lorafit.adapters.tokens import (
     check_token_config,
     load_tokens,
+    owned_token_rows,
     split_tokens,
     token_config,
     token_tensors,
-    token_wrappers,
 )
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_dir
@@ -133,13 +134,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     Everything is checked before the first layer is wrapped, so a bad adapter leaves the model untouched.
     """
     adapter_dir = Path(adapter_dir)
-    config = read_adapter_config(adapter_dir)
     if lora_modules(model):
         raise LorafitError("this model already carries LoRA layers; load the adapter into a fresh base model")
-    per_module = read_adapter(adapter_dir, model)
+    parts = read_parts(adapter_dir, model)
+    config, per_module = parts.config, parts.updates
     _check_fit(model, per_module, adapter_dir)
     # Trained token rows first: growing the vocabulary needs the plain embedding and head.
-    load_tokens(model, config, split_tokens(_read_weights(adapter_dir))[0], adapter_dir)
+    load_tokens(model, config, parts.rows, adapter_dir)
     dropout = float(config.get("lora_dropout", config.get("vera_dropout")) or 0.0)
     # Expert parameters first, in the order their modules register them: the order their wrappers nest in.
     experts = [name for name, found in per_module.items() if getattr(found, "parameter", None) is not None]
@@ -152,7 +153,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     wrapped = lora_modules(model)
     for name, found in per_module.items():
         wrapped[name].load_saved(found.tensors)
-    load_saved_modules(model, read_saved_modules(adapter_dir), adapter_dir)
+    load_saved_modules(model, parts.copies, adapter_dir)
     if trainable:
         set_trainable(model)
     else:
@@ -163,6 +164,22 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
 def read_adapter(adapter_dir: str | Path, model: nn.Module | None = None) -> dict[str, SavedUpdate]:
     """Module path -> its saved update, from an adapter folder (lorafit's or PEFT's). Without a model, except for
     adapters of MoE expert parameters: which parameter a saved path updates depends on the model's layout."""
+    return read_parts(adapter_dir, model).updates
+
+
+@dataclass
+class AdapterParts:
+    """An adapter folder, read once: its config, the method's update per module, and what trains beside it."""
+
+    config: dict[str, Any]
+    updates: dict[str, SavedUpdate]
+    copies: dict[str, dict[str, torch.Tensor]]  # lora.modules_to_save: module path -> its saved state dict
+    rows: dict[str, torch.Tensor]  # data.add_special_tokens: layer path -> its trained token rows
+    method_tensors: dict[str, torch.Tensor]  # the file's tensors of the method itself (VeRA's shared ones too)
+
+
+def read_parts(adapter_dir: str | Path, model: nn.Module | None = None) -> AdapterParts:
+    """Everything an adapter folder holds (``read_adapter`` says when ``model`` may be None)."""
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     tensors = _read_weights(adapter_dir)
@@ -170,9 +187,11 @@ def read_adapter(adapter_dir: str | Path, model: nn.Module | None = None) -> dic
         raise LorafitError(f"{adapter_dir}: this adapter updates MoE expert parameters (target_parameters in "
                            f"{CONFIG_NAME}); lorafit reads it together with its base model (merge, eval, generate "
                            "do), not on its own")
-    tensors = split_tokens(split_saved(tensors, config.get("modules_to_save"))[1])[1]
-    return method_of_record(config).read(tensors, config, adapter_dir / WEIGHTS_NAME,
-                                         _saved_parameter_paths(model, config))
+    copies, tensors = split_saved(tensors, config.get("modules_to_save"))
+    rows, tensors = split_tokens(tensors)
+    updates = method_of_record(config).read(tensors, config, adapter_dir / WEIGHTS_NAME,
+                                            _saved_parameter_paths(model, config))
+    return AdapterParts(config, updates, copies, rows, tensors)
 
 
 def read_saved_modules(adapter_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -309,13 +328,12 @@ def restore_adapter_weights(model: nn.Module, folder: Path) -> None:
     for name, module in saved_modules(model).items():  # lora.modules_to_save's copies
         module.trained.load_state_dict(split_saved(tensors, [name])[0][name])
     rows = split_tokens(tensors)[0]
-    for name, module in token_wrappers(model).items():  # data.add_special_tokens's rows
-        if not module.tied:
-            if name not in rows or rows[name].shape != module.trainable_tokens_delta.shape:
-                raise LorafitError(f"{folder}: checkpoint does not match this recipe's token rows ({name}); resume "
-                                   "with the recipe that wrote it")
-            with torch.no_grad():
-                module.trainable_tokens_delta.copy_(rows[name])
+    for name, module in owned_token_rows(model).items():  # data.add_special_tokens's rows
+        if name not in rows or rows[name].shape != module.trainable_tokens_delta.shape:
+            raise LorafitError(f"{folder}: checkpoint does not match this recipe's token rows ({name}); resume "
+                               "with the recipe that wrote it")
+        with torch.no_grad():
+            module.trainable_tokens_delta.copy_(rows[name])
 
 
 def start_from_adapter(model: nn.Module, folder: str | Path) -> None:
@@ -323,22 +341,21 @@ def start_from_adapter(model: nn.Module, folder: str | Path) -> None:
     once the recipe is seen to describe that adapter — same method, modules, ranks, scaling and shared tensors —
     so that training continues exactly from it. Anything else is one error listing what differs."""
     folder = Path(folder)
-    config = read_adapter_config(folder)
-    updates, layers = read_adapter(folder, model), lora_modules(model)
+    parts = read_parts(folder, model)
+    config, updates, layers = parts.config, parts.updates, lora_modules(model)
     problems = [f"module {name}: the recipe adapts it, the adapter does not" for name in layers if name not in updates]
     problems += [f"module {name}: the adapter adapts it, the recipe does not" for name in updates if name not in layers]
     for name in layers.keys() & updates.keys():
         problems += _start_misfits(name, layers[name], updates[name])
-    rows, owned = split_tokens(_read_weights(folder))[0], {n: m for n, m in token_wrappers(model).items() if not m.tied}
+    rows, owned, copies, wrapped = parts.rows, owned_token_rows(model), parts.copies, saved_modules(model)
     problems += _token_misfits(rows, owned, config.get(TOKENS_KEY), token_config(model))
-    copies, wrapped = read_saved_modules(folder), saved_modules(model)
     problems += _copy_misfits(copies, wrapped)
     if not problems:
         layer = type(next(iter(layers.values())))
-        saved = _read_weights(folder)
         problems += [f"{key} differs from the recipe's (VeRA: lora.vera.projection_prng_key)"
                      for key, tensor in layer.shared_tensors(layers).items()
-                     if key not in saved or not torch.equal(saved[key], tensor.detach().cpu())]
+                     if key not in parts.method_tensors or not torch.equal(parts.method_tensors[key],
+                                                                          tensor.detach().cpu())]
     if problems:
         shown = sorted(problems)[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise LorafitError(f"lora.init_from: adapter {folder} (peft_type {config.get('peft_type', 'LORA')}) is not "

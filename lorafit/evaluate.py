@@ -116,11 +116,12 @@ def eval_plan(recipe: Path | None, base: str | None, adapters: list[Path], data:
 
 def run_eval(plan: EvalPlan, limit: int | None = None, max_new_tokens: int = 32,
              micro_batch_size: int = 16) -> list[EvalResult]:
-    tokenizer = load_tokenizer(plan.model_cfg, plan.adapters)  # the adapters' own when they added tokens
+    own = adapter_tokenizer(plan.adapters)  # the adapters' own tokenizer when they added tokens
+    tokenizer = load_tokenizer(plan.model_cfg, own)
     task = prepare_task(tokenizer, plan.data_path, plan.data_format, plan.metrics, plan.max_seq_len, limit,
                         micro_batch_size, max_new_tokens)
     model = load_base_model(plan.model_cfg, device=compute_device(plan.device)).eval()
-    if adapter_tokenizer(plan.adapters) is not None:  # added tokens: the base as the run started, rows untrained
+    if own is not None:  # added tokens: the base as the run started, their rows untrained
         grow_vocabulary(model, len(tokenizer))
     results = [evaluate_model(model, tokenizer, task, "base")]
     for adapter in plan.adapters:

@@ -151,11 +151,12 @@ def export_gguf(base: str, adapter_dir: str | Path, out: str | Path, kind: str =
             raise LorafitError(f"{path} exists; pass --overwrite to replace it, or choose another OUT")
     config = _config(base_folder(base))  # the architecture first: Llama family only (no Conv1D, no MoE)
     updates, folder, weight_files, _ = adapter_and_base(base, adapter_dir, out)
-    if saved := read_adapter_config(adapter_dir).get("modules_to_save"):
+    recorded = read_adapter_config(adapter_dir)
+    if saved := recorded.get("modules_to_save"):
         raise LorafitError(f"{adapter_dir} trains whole modules ({', '.join(saved)}: lora.modules_to_save), which "
                            "export does not write yet; lorafit merge it, then convert the merged folder with "
                            "llama.cpp's convert_hf_to_gguf.py")
-    if read_adapter_config(adapter_dir).get(TOKENS_KEY):
+    if recorded.get(TOKENS_KEY):
         raise LorafitError(f"{adapter_dir} adds tokens (data.add_special_tokens: trained embedding rows and a grown "
                            "vocabulary), which export does not write yet, and a llama.cpp adapter cannot grow a base's "
                            "vocabulary; lorafit merge it, then convert the merged folder with llama.cpp's "

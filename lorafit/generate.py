@@ -10,7 +10,7 @@ import torch
 from lorafit.adapter_io import load_adapter
 from lorafit.config import ModelConfig
 from lorafit.device import compute_device
-from lorafit.model import load_base_model, load_tokenizer
+from lorafit.model import adapter_tokenizer, load_base_model, load_tokenizer
 
 
 class Generator:
@@ -19,7 +19,7 @@ class Generator:
     def __init__(self, model_cfg: ModelConfig, adapter: Path | None = None, device: str | None = None):
         """``device``: ``--device`` (None or auto: lorafit.device's rule)."""
         device = compute_device(device)  # an unusable --device is refused before anything loads
-        self.tokenizer = load_tokenizer(model_cfg, [adapter] if adapter is not None else ())
+        self.tokenizer = load_tokenizer(model_cfg, adapter_tokenizer([adapter] if adapter is not None else []))
         self.model = load_base_model(model_cfg, device=device).eval()
         if adapter is not None:
             load_adapter(self.model, adapter)

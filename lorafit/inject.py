@@ -12,7 +12,7 @@ from lorafit.adapters import method
 from lorafit.adapters.base import AdapterLayer, TrainingHooks
 from lorafit.adapters.experts import ParamLoRA, target_path, wrap_parameters
 from lorafit.adapters.saved_modules import saved_modules, unwrap_saved, wrap_saved
-from lorafit.adapters.tokens import token_wrappers, unwrap_tokens, wrap_tokens
+from lorafit.adapters.tokens import owned_token_rows, unwrap_tokens, wrap_tokens
 from lorafit.config import LoRAConfig
 from lorafit.targets import Refinement, plan_targets
 
@@ -64,9 +64,7 @@ def remove_lora(model: nn.Module, unmerge: bool = True) -> None:
     for name, module in reversed(lora_modules(model).items()):
         if unmerge:
             module.unmerge()
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, module.base_layer)
+        model.set_submodule(name, module.base_layer)
     unwrap_saved(model, trained=not unmerge)  # lora.modules_to_save: the trained copies, merged or not
     unwrap_tokens(model, merge=not unmerge)  # data.add_special_tokens: the trained rows written in, or not
 
@@ -92,9 +90,8 @@ def set_trainable(model: nn.Module) -> None:
             param.requires_grad_(True)
     for module in saved_modules(model).values():
         module.trained.requires_grad_(True)
-    for module in token_wrappers(model).values():
-        if not module.tied:
-            module.trainable_tokens_delta.requires_grad_(True)
+    for module in owned_token_rows(model).values():
+        module.trainable_tokens_delta.requires_grad_(True)
 
 
 def adapters_to_float32(model: nn.Module) -> None:
@@ -104,9 +101,8 @@ def adapters_to_float32(model: nn.Module) -> None:
             param.data = param.data.float()
     for module in saved_modules(model).values():
         module.trained.float()
-    for module in token_wrappers(model).values():
-        if not module.tied:
-            module.trainable_tokens_delta.data = module.trainable_tokens_delta.data.float()
+    for module in owned_token_rows(model).values():
+        module.trainable_tokens_delta.data = module.trainable_tokens_delta.data.float()
 
 
 def injection_report(model: nn.Module) -> InjectionReport:

@@ -97,9 +97,9 @@ def converted_gguf(source: BaseSource, model_cfg: ModelConfig) -> Path:
     return folder
 
 
-def load_tokenizer(model_cfg: ModelConfig, adapters: list[Path] | tuple[Path, ...] = ()):
-    """The base model's tokenizer — or the one saved beside these adapters (a run that added tokens saves
-    its tokenizer with the adapter) — with a pad token that is safe for training.
+def load_tokenizer(model_cfg: ModelConfig, own: Path | None = None):
+    """The base model's tokenizer — or the one saved in the adapter folder ``own`` (a run that added tokens saves
+    its tokenizer with the adapter; ``adapter_tokenizer`` picks it) — with a pad token that is safe for training.
 
     Labels are always built from sequence lengths, never by comparing ids with ``pad_token_id``, so a
     pad token equal to EOS (SmolLM2 ships that way) can never hide the EOS we want the model to learn.
@@ -107,7 +107,6 @@ def load_tokenizer(model_cfg: ModelConfig, adapters: list[Path] | tuple[Path, ..
     """
     from transformers import AutoTokenizer
 
-    own = adapter_tokenizer(adapters)
     if own is not None:
         tokenizer = AutoTokenizer.from_pretrained(own, trust_remote_code=model_cfg.trust_remote_code)
     else:
@@ -127,8 +126,8 @@ def adapter_tokenizer(adapters: list[Path] | tuple[Path, ...]) -> Path | None:
     """The adapter folder whose tokenizer to use (None: the base's). Adapters that carry tokenizers must carry
     the same vocabulary: one tokenizer reads the data for all of them."""
     owners = [Path(a) for a in adapters if (Path(a) / TOKENIZER_FILE).is_file()]
-    if not owners:
-        return None
+    if len(owners) < 2:
+        return owners[0] if owners else None
     from transformers import AutoTokenizer
 
     vocab = AutoTokenizer.from_pretrained(owners[0]).get_vocab()

@@ -10,8 +10,8 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from lorafit.adapters.base import ROUNDED_ONCE, rounded_once
 from lorafit.errors import LorafitError
 
 # bitsandbytes' CPU inference kernel for 4-bit weights (used on CPUs with avx512_bf16) takes output rows
@@ -133,12 +133,11 @@ class _FourBitLoRA(torch.autograd.Function):
         dtype = x.dtype
         bias = None if layer.bias is None else layer.bias.to(dtype)
         down = lora_in @ lora_A.to(dtype).T  # (N, r)
-        if dtype in (torch.bfloat16, torch.float16):
-            # One rounding, as lorafit/adapters/lora.py's one_rounding_linear: the update joins the base output in
-            # the GEMM's fp32 accumulator ([x | down] @ [W | s·B]ᵀ); added to a rounded 16-bit output, updates
-            # below half its spacing would be lost (QLoRA learned like bf16 LoRA, far slower than PEFT's).
+        if dtype in ROUNDED_ONCE:
+            # Added to a rounded 16-bit output, updates below half its spacing would be lost (QLoRA learned like
+            # bf16 LoRA, far slower than PEFT's); rounded once, they are not.
             weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)  # what matmul_4bit does
-            out = F.linear(torch.cat([x, down], dim=1), torch.cat([weight, (lora_B * scaling).to(dtype)], dim=1), bias)
+            out = rounded_once(x, down, weight, (lora_B * scaling).to(dtype), bias)
         else:
             out = bnb.matmul_4bit(x, layer.weight, quant_state=layer.weight.quant_state)  # (N, out), no grad here
             if bias is not None:

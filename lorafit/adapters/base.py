@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # ``lora`` below is the recipe's lora section (lorafit.config.LoRAConfig); typed Any here, the bottom layer,
@@ -29,6 +30,18 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype 
     if not torch.isfinite(merged).all():
         raise ValueError(f"merging this update gives non-finite weights in {merged.dtype}")
     return merged
+
+
+# 16-bit compute dtypes in which a LoRA layer's output is rounded once (``rounded_once``).
+ROUNDED_ONCE = (torch.bfloat16, torch.float16)
+
+
+def rounded_once(x: torch.Tensor, down: torch.Tensor, weight: torch.Tensor, scaled_B: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W·x (+ bias) + s·B·down as one GEMM, [x | down] @ [W | s·B]ᵀ: the update joins the base output in the GEMM's
+    fp32 accumulator and the sum is rounded once (why: lorafit/adapters/lora.py ``one_rounding_linear``).
+    x: (N, in), down: (N, r), weight: (out, in), scaled_B = s·B: (out, r), all in one 16-bit dtype -> (N, out)."""
+    return F.linear(torch.cat([x, down], dim=1), torch.cat([weight, scaled_B], dim=1), bias)
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -315,10 +328,8 @@ class Method:
 
 def wrap_module(model: nn.Module, name: str, layer: type[AdapterLayer], **kwargs: Any) -> AdapterLayer:
     """Replace module ``name`` of ``model`` by ``layer(module, **kwargs)``, in the module's train/eval mode."""
-    parent_name, _, child_name = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    base = getattr(parent, child_name)
+    base = model.get_submodule(name)
     wrapped = layer(base, **kwargs)
     wrapped.train(base.training)  # a new module starts in training mode: in an eval model, dropout would run
-    setattr(parent, child_name, wrapped)
+    model.set_submodule(name, wrapped)
     return wrapped

@@ -163,12 +163,10 @@ class ParamLoRA(LoRALinear):
 
 def wrap_parameter(model: nn.Module, target: ParamTarget, **lora_kwargs) -> ParamLoRA:
     """Wrap ``target.module`` (or the wrapper already around it: a second parameter nests outside the first)."""
-    parent_name, _, child_name = target.module.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    base = getattr(parent, child_name)
+    base = model.get_submodule(target.module)
     wrapped = ParamLoRA(base, target.name, **lora_kwargs)
     wrapped.train(base.training)
-    setattr(parent, child_name, wrapped)
+    model.set_submodule(target.module, wrapped)
     return wrapped
 
 

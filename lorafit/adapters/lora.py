@@ -18,12 +18,14 @@ from torch import nn
 from lorafit import quant
 from lorafit.adapters import init as base_init
 from lorafit.adapters.base import (
+    ROUNDED_ONCE,
     AdapterLayer,
     Method,
     SavedUpdate,
     TargetSpec,
     config_dropout,
     pattern_value,
+    rounded_once,
     wrap_module,
 )
 from lorafit.errors import LorafitError
@@ -262,10 +264,6 @@ class LoRAMethod(Method):
 METHOD = LoRAMethod()
 
 
-# 16-bit compute dtypes whose LoRA output is rounded once (``one_rounding_linear``).
-ROUNDED_ONCE = (torch.bfloat16, torch.float16)
-
-
 def one_rounding_linear(x: torch.Tensor, down: torch.Tensor, weight: torch.Tensor, lora_B: torch.Tensor,
                         scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """W·x (+ bias) + s·B·down as one 16-bit GEMM, [x | down] @ [W | s·B]ᵀ: the update joins the base output
@@ -292,7 +290,7 @@ class _OneRounding(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, down: torch.Tensor, weight: torch.Tensor, scaled_B: torch.Tensor,
                 bias: torch.Tensor | None):
         ctx.save_for_backward(down, weight, scaled_B)
-        return F.linear(torch.cat([x, down], dim=1), torch.cat([weight, scaled_B], dim=1), bias)
+        return rounded_once(x, down, weight, scaled_B, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

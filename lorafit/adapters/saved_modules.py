@@ -77,9 +77,7 @@ def wrap_saved(model: nn.Module, entries: list[str] | None) -> list[str]:
     """Wrap the modules ``entries`` match in ``SavedModule``; their paths."""
     matched = find_saved(model, entries) if entries else []
     for name in matched:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SavedModule(getattr(parent, child)))
+        model.set_submodule(name, SavedModule(model.get_submodule(name)))
     return matched
 
 
@@ -125,9 +123,7 @@ def load_saved_modules(model: nn.Module, saved: dict[str, dict[str, torch.Tensor
 def unwrap_saved(model: nn.Module, trained: bool) -> None:
     """Put plain modules back: the trained copies (``trained``) or the originals."""
     for name, module in saved_modules(model).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.trained if trained else module.original_module)
+        model.set_submodule(name, module.trained if trained else module.original_module)
 
 
 def describe(model: nn.Module) -> str | None:

@@ -135,17 +135,15 @@ def wrap_tokens(model: nn.Module, indices: list[int] | None) -> dict[str, Traina
     token_layers(model)  # refused before anything changes
     grow_vocabulary(model, max(indices) + 1)
     embed_path, head_path, tied = token_layers(model)
-    wrapped = {embed_path: _replace(model, embed_path, lambda layer: TrainableTokens(layer, indices))}
+    wrapped = {embed_path: _wrap(model, embed_path, indices)}
     if head_path is not None:
-        owner = wrapped[embed_path] if tied else None
-        wrapped[head_path] = _replace(model, head_path, lambda layer: TrainableTokens(layer, indices, owner))
+        wrapped[head_path] = _wrap(model, head_path, indices, wrapped[embed_path] if tied else None)
     return wrapped
 
 
-def _replace(model: nn.Module, path: str, make: Any) -> nn.Module:
-    parent_name, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, wrapper := make(getattr(parent, child)))
+def _wrap(model: nn.Module, path: str, indices: list[int], tied: TrainableTokens | None = None) -> TrainableTokens:
+    wrapper = TrainableTokens(model.get_submodule(path), indices, tied)
+    model.set_submodule(path, wrapper)
     return wrapper
 
 
@@ -153,15 +151,19 @@ def token_wrappers(model: nn.Module) -> dict[str, TrainableTokens]:
     return {name: module for name, module in model.named_modules() if isinstance(module, TrainableTokens)}
 
 
+def owned_token_rows(model: nn.Module) -> dict[str, TrainableTokens]:
+    """The wrappers that own a trainable_tokens_delta (a tied head reads its embedding's): what trains and is saved."""
+    return {name: module for name, module in token_wrappers(model).items() if not module.tied}
+
+
 def token_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The file's tensors: each owned delta under PEFT's key."""
-    return {f"{KEY_PREFIX}{name}.{PART}": module.delta for name, module in token_wrappers(model).items()
-            if not module.tied}
+    return {f"{KEY_PREFIX}{name}.{PART}": module.delta for name, module in owned_token_rows(model).items()}
 
 
 def token_config(model: nn.Module) -> list[int] | dict[str, list[int]] | None:
     """adapter_config.json's trainable_token_indices: PEFT's list form when one delta serves, else per layer."""
-    owners = {name: module.indices for name, module in token_wrappers(model).items() if not module.tied}
+    owners = {name: module.indices for name, module in owned_token_rows(model).items()}
     if not owners:
         return None
     return next(iter(owners.values())) if len(owners) == 1 else owners
@@ -199,7 +201,7 @@ def load_tokens(model: nn.Module, config: dict[str, Any], saved: dict[str, torch
     token_layers(model)  # refused before anything changes
     grow_vocabulary(model, max(all_ids) + 1)
     embed_path, head_path, tied = token_layers(model)
-    layers = _match_layers(model, per_layer, embed_path, where) if per_layer else {embed_path: indices}
+    layers = _match_layers(model, per_layer, where) if per_layer else {embed_path: indices}
     if set(layers) != set(saved):
         raise LorafitError(f"{where}: {CONFIG_KEY} names layers {sorted(layers)} but the file holds trained rows "
                            f"for {sorted(saved)}; re-save the adapter")
@@ -210,16 +212,14 @@ def load_tokens(model: nn.Module, config: dict[str, Any], saved: dict[str, torch
         if tuple(saved[path].shape) != (len(ids), model.get_submodule(path).weight.shape[1]):
             raise LorafitError(f"{where}: {path}'s trained rows have shape {tuple(saved[path].shape)}, expected "
                                f"({len(ids)}, {model.get_submodule(path).weight.shape[1]}): another base?")
-    wrapped = {path: _replace(model, path, lambda layer, ids=ids: TrainableTokens(layer, ids))
-               for path, ids in layers.items() if not (tied and path == head_path)}
+    wrapped = {path: _wrap(model, path, ids) for path, ids in layers.items() if not (tied and path == head_path)}
     if tied and head_path is not None and embed_path in wrapped:
-        _replace(model, head_path, lambda layer: TrainableTokens(layer, layers[embed_path], wrapped[embed_path]))
+        _wrap(model, head_path, layers[embed_path], wrapped[embed_path])
     for path, module in wrapped.items():
         module.trainable_tokens_delta.copy_(saved[path])
 
 
-def _match_layers(model: nn.Module, per_layer: dict[str, list[int]], embed_path: str,
-                  where: Any) -> dict[str, list[int]]:
+def _match_layers(model: nn.Module, per_layer: dict[str, list[int]], where: Any) -> dict[str, list[int]]:
     """The config's layer names as module paths (PEFT matches a name by the end of the path)."""
     paths = [name for name, _ in model.named_modules() if name]
     found = {}
@@ -237,7 +237,7 @@ def unwrap_tokens(model: nn.Module, merge: bool) -> None:
     for name, module in token_wrappers(model).items():
         if merge:
             module.merge_into_base()
-        _replace(model, name, lambda _, plain=module.base_layer: plain)
+        model.set_submodule(name, module.base_layer)
 
 
 def describe(model: nn.Module) -> str | None:
@@ -245,7 +245,7 @@ def describe(model: nn.Module) -> str | None:
     wrappers = token_wrappers(model)
     if not wrappers:
         return None
-    owned = sum(m.delta.numel() for m in wrappers.values() if not m.tied)
+    owned = sum(m.delta.numel() for m in owned_token_rows(model).values())
     layers = ", ".join(f"{name}{' (tied)' if m.tied else ''}" for name, m in wrappers.items())
     ids = next(iter(wrappers.values())).indices
     return f"trainable token rows: ids {ids} in {layers} ({owned:,} parameters)"
