@@ -182,6 +182,10 @@ def test_a_bf16_row_that_learns_like_fp32_passes_against_peft_fp32_and_a_wrong_o
     assert "gate" not in like_fp32["peft fp32 (reference)"]
     wrong = summarize(rows, {**runs, "lorafit": [run("lorafit", 400, 1, [2.0, 1.3, 0.8, 0.6], BF16)]}, BF16)
     assert not wrong["lorafit"]["gate"]["passed"] and wrong["lorafit"]["gate"]["oracle"] == "peft"
+    fast_reference = {**runs, "lorafit": [run("lorafit", 400, 1, peft, BF16)],
+                      "peft fp32 (reference)": [run("peft fp32 (reference)", 900, 8, fp32)]}
+    summary = bench.summarize("x", BF16, None, rows, fast_reference, {"float32": 1e12, "bfloat16": 4e12})
+    assert summary["best_peft"] == "peft"  # ratios stay against PEFT's bf16 setups, never the fp32 reference
 
 
 def test_qlora_in_bf16_has_two_peft_setups_and_gates_lorafit_against_its_own():
