@@ -260,6 +260,9 @@ class TrainConfig(_Section):
     # dpo (Rafailov et al. 2023; reference = the starting model) or orpo (Hong et al. 2024; no reference).
     objective: Objective = "sft"
     beta: float = Field(0.1, gt=0)  # dpo: beta (how far from the reference); orpo: lambda (weight of the odds term)
+    # dpo: score the reference once per dataset before the first step, cached on disk (lorafit/reference_cache.py),
+    # instead of one extra forward per step.
+    precompute_reference: bool = False
     eval_every: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
@@ -343,6 +346,9 @@ class Recipe(_Section):
         if objective == "sft" and data.format == "preference":
             raise ValueError("data.format: preference needs a preference objective, but train.objective is sft; set "
                              "train.objective: dpo (or orpo), or give SFT data (e.g. format: prompt_completion)")
+        if self.train.precompute_reference and objective != "dpo":
+            raise ValueError(f"train.precompute_reference precomputes DPO's reference log-probs, but "
+                             f"train.objective is {objective} (no reference); set train.objective: dpo, or remove it")
         if data.format == "preference":
             blockers = [(data.streaming, "data.streaming"), (data.packing, "data.packing"),
                         (data.val_fraction is not None, "data.val_fraction (give data.eval)"),

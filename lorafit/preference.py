@@ -48,7 +48,7 @@ from lorafit.data import (
 from lorafit.errors import LorafitError
 from lorafit.examples import IGNORE_INDEX
 
-Pair = dict[str, list[int]]  # prompt_ids, chosen_ids, rejected_ids
+Pair = dict[str, list]  # prompt_ids, chosen_ids, rejected_ids (token ids); ref_logps when precomputed (floats)
 FIX = "each row needs a prompt with a better (chosen) and a worse (rejected) answer"
 
 
@@ -239,7 +239,8 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]
     """B pairs -> one batch of 2B rows: 0..B-1 prompt + chosen, B..2B-1 prompt + rejected, right-padded.
 
     input_ids (2B, T) padded with ``pad_id``; attention_mask (2B, T) 1 on real tokens; labels (2B, T) the token on
-    answer positions, -100 on the prompt and on padding (by position).
+    answer positions, -100 on the prompt and on padding (by position). Pairs that carry precomputed reference
+    log-probs (``ref_logps``: lorafit/reference_cache.py) add ref_chosen_logps and ref_rejected_logps (B,) fp32.
     """
     rows = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
     width = max(len(prompt) + len(answer) for prompt, answer in rows)
@@ -251,4 +252,8 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]
         input_ids[i, :end] = torch.tensor(list(prompt) + list(answer), dtype=torch.long)
         attention_mask[i, :end] = 1
         labels[i, start:end] = torch.tensor(list(answer), dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if pairs and all("ref_logps" in p for p in pairs):
+        reference = torch.tensor([p["ref_logps"] for p in pairs], dtype=torch.float32)  # (B, 2)
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference[:, 0], reference[:, 1]
+    return batch

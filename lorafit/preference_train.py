@@ -7,10 +7,9 @@ same model (lorafit/adapters/switch.py: adapters off for a fresh adapter; the fr
 for ``lora.init_from``), how much a micro-batch weighs in a step (its pairs), and evaluation over pairs (the
 objective's loss and metrics in the loop; chosen-answer NLL, preference accuracy and margin in ``lorafit eval``).
 
-The reference log-probs are computed in each step (one extra no-grad forward of the batch), not precomputed once
-per dataset: precomputing would save that forward (about a third of a step's compute) only where the same pairs
-are seen for several epochs, and would have to be redone whenever the base, the starting adapter, the data or
-max_seq_len changes.
+The reference log-probs are computed in each step (one extra no-grad forward of the batch), or, with
+``train.precompute_reference: true``, once per dataset before the first step and cached on disk
+(lorafit/reference_cache.py, which says when that pays).
 """
 
 from __future__ import annotations
@@ -24,7 +23,14 @@ from lorafit.adapters.switch import adapter_snapshot, adapter_weights, adapters_
 from lorafit.config import Recipe
 from lorafit.data import Batches
 from lorafit.examples import IGNORE_INDEX
-from lorafit.objectives import DPOObjective, ORPOObjective, batch_logps, reference_under, split_pairs
+from lorafit.objectives import (
+    DPOObjective,
+    ORPOObjective,
+    ReferenceLogps,
+    batch_logps,
+    reference_under,
+    split_pairs,
+)
 from lorafit.preference import Pair, PreferenceData, collate_pairs, load_preference
 
 
@@ -69,12 +75,18 @@ def pair_objective(model: nn.Module, recipe: Recipe) -> nn.Module:
     cfg = recipe.train
     if cfg.objective == "orpo":
         return ORPOObjective(model, lam=cfg.beta)
+    return DPOObjective(model, beta=cfg.beta, reference_logps=dpo_reference(model, recipe))
+
+
+def dpo_reference(model: nn.Module, recipe: Recipe) -> ReferenceLogps:
+    """DPO's reference log-probs on ``model`` (see ``pair_objective``): the model with its adapters off, or with
+    the starting adapter's weights (a frozen copy taken now) swapped in."""
     if recipe.lora.init_from is None:
         context = lambda: adapters_disabled(model)  # noqa: E731
     else:
         start = adapter_snapshot(model)
         context = lambda: adapter_weights(model, start)  # noqa: E731
-    return DPOObjective(model, beta=cfg.beta, reference_logps=reference_under(model, context))
+    return reference_under(model, context)
 
 
 @torch.no_grad()

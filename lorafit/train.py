@@ -64,12 +64,14 @@ from lorafit.loss import TokenLoss, evaluate_loss_sums, trained_positions
 from lorafit.model import DTYPES, compile_layers, load_base_model, load_tokenizer
 from lorafit.preference_train import (
     PairBatches,
+    dpo_reference,
     eval_rounds,
     evaluate_pair_sums,
     load_pair_sets,
     pair_count,
     pair_objective,
 )
+from lorafit.reference_cache import attach_reference
 from lorafit.report import (
     MetricsLog,
     RunSummary,
@@ -238,6 +240,9 @@ def prepare(recipe: Recipe, resume: str | None = None, console: Console | None =
     report, allocation = inject_adapters(model, recipe, accelerator.device, batches, console,
                                          resumed_out=out if checkpoint else None, for_training=True,
                                          tokens=token_ids)
+    if cfg.precompute_reference:  # DPO's reference scored once, before compiling, sharding or wrapping the model
+        attach_reference(dpo_reference(model, recipe), recipe, tokenizer, train_data.pairs, accelerator.device,
+                         console)
     ready_for_training(model, cfg, accelerator.device, console)
     console.print(targeting_table(report))
 

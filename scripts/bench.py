@@ -15,6 +15,10 @@ tokens packed from the quickstart data (completions trained, prompts masked), Ad
   computing in fp32 under the same autocast ("peft fp32 4-bit compute").
 - dora: lorafit's DoRA against PEFT's DoRA, and its step time against lorafit's own LoRA step; in bf16
   where bf16 is native (PEFT DoRA over bf16 weights, and over fp32 weights under autocast), else in fp32.
+- dpo: lorafit's DPO (train.objective: dpo) against TRL's DPOTrainer + PEFT on the DPO quickstart's pairs, in fp32
+  and, where bf16 is native, in bf16 (scripts/bench_dpo.py): TRL with checkpointing off ("trl") and with its
+  DPOConfig default, checkpointing on ("trl+checkpointing"); in bf16 also TRL's two usual setups and its fp32 run as
+  for the bf16 config.
 - qlora-1b (memory): a ~1B random Llama built in-process (2048 wide, 16 layers, 5632 MLP, SmolLM2's
   vocabulary and tokenizer), 2 x 512 tokens, 3 steps: lorafit QLoRA against PEFT's QLoRA and against
   lorafit's LoRA over the same model unquantized (its peak is the one QLoRA must halve).
@@ -35,6 +39,7 @@ base is a different model (rounded weights), so every bf16 run drifts from fp32 
 
     python scripts/bench.py                                   # every config this device runs
     python scripts/bench.py --configs fp32 --rounds 3 --json bench.json
+    python scripts/bench.py --configs dpo                     # DPO vs TRL, fp32 (+ bf16 where native)
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class Row:
     theirs from lorafit's own precision policy for ``compute`` (as `lorafit train` does)."""
 
     name: str
-    framework: str               # lorafit | peft
+    framework: str               # lorafit | peft | trl (the dpo config)
     compute: str                 # float32 | bfloat16
     weights: str = "float32"     # PEFT rows: dtype of the frozen base
     autocast: bool = False       # PEFT rows
@@ -88,6 +93,13 @@ def rows_for(config: str, compute: str, compile_rows: bool, checkpointing: bool)
                 Row("peft dora", "peft", compute, weights=compute, variant="dora")]
         if bf16:
             rows.append(Row("peft dora+autocast", "peft", compute, autocast=True, variant="dora"))
+        return rows
+    if config == "dpo":  # lorafit's DPO against TRL's (scripts/bench_dpo.py)
+        rows = [Row("lorafit", "lorafit", compute), Row("trl", "trl", compute, weights=compute),
+                Row("trl+checkpointing", "trl", compute, weights=compute, checkpointing=True)]
+        if bf16:
+            rows += [Row("trl+autocast", "trl", compute, autocast=True),
+                     Row("trl fp32 (reference)", "trl", "float32", reference=True)]
         return rows
     if config == "qlora-1b":  # memory: QLoRA against PEFT's QLoRA and against lorafit over the unquantized base
         return [Row("lorafit", "lorafit", compute),
@@ -274,7 +286,7 @@ def machine() -> dict:
     return info
 
 
-CONFIGS = {"fp32": None, "bf16": None, "qlora": "4bit", "dora": None, "qlora-1b": "4bit"}  # name -> quantize
+CONFIGS = {"fp32": None, "bf16": None, "qlora": "4bit", "dora": None, "qlora-1b": "4bit", "dpo": None}  # -> quantize
 # qlora-1b: a ~1B Llama with random weights (nothing to download), SmolLM2's vocabulary and tokenizer so the
 # same data feeds it; 2 x 512 tokens, 3 steps (memory, not speed, is what it measures).
 LLAMA_1B = dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
@@ -296,13 +308,15 @@ def make_llama_1b(folder: Path) -> str:
     return str(folder)
 
 
-def compute_dtype(config: str, native_bf16: bool) -> str | None:
-    """The dtype a config computes in here, or None when it is skipped on this device."""
+def compute_dtypes(config: str, native_bf16: bool) -> list[str]:
+    """The dtypes a config computes in here, one summary each; none when it is skipped on this device."""
     if config == "fp32":
-        return "float32"
+        return ["float32"]
     if config == "bf16":
-        return "bfloat16" if native_bf16 else None
-    return "bfloat16" if native_bf16 else "float32"
+        return ["bfloat16"] if native_bf16 else []
+    if config == "dpo":
+        return ["float32", "bfloat16"] if native_bf16 else ["float32"]
+    return ["bfloat16" if native_bf16 else "float32"]
 
 
 def main() -> int:
@@ -317,7 +331,15 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(**json.loads(args.child))))
+        spec = json.loads(args.child)
+        if spec.pop("config") == "dpo":
+            from bench_dpo import run_dpo
+
+            result = run_dpo(Row(**spec["row"]), spec["steps"], spec["init_path"], spec["base"], RANK, ALPHA,
+                             DROPOUT, LR, WARMUP)
+        else:
+            result = run_one(**spec)
+        print(json.dumps(result))
         return 0
 
     import tempfile
@@ -330,11 +352,7 @@ def main() -> int:
               "results": []}
     best_peaks: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for config in args.configs:
-            compute = compute_dtype(config, host["native_bf16"])
-            if compute is None:
-                print(f"\n{config}: skipped, this device has no native bf16 (emulated bf16 is many times slower)")
-                continue
+        for config, compute in [(c, dtype) for c in args.configs for dtype in compute_dtypes(c, host["native_bf16"])]:
             rows = rows_for(config, compute, not args.no_compile, args.checkpointing)
             dtypes = sorted({row.compute for row in rows})
             # Before and after the runs, and the best of every earlier config of this bench run: on a shared VM
@@ -345,8 +363,15 @@ def main() -> int:
             best_peaks.update(peaks)
             summary = summarize(config, compute, CONFIGS[config], rows, runs, peaks)
             summary["micro_batch"], summary["seq"], summary["steps"] = SHAPES.get(config, (BATCH, SEQ, args.steps))
+            if config == "dpo":  # pairs per step, and max_seq_len (the batches are as long as their longest row)
+                from bench_dpo import DPO_PAIRS, DPO_SEQ
+
+                summary["micro_batch"], summary["seq"] = f"{DPO_PAIRS} pairs", DPO_SEQ
             report["results"].append(summary)
             print_summary(summary)
+        for config in args.configs:
+            if not compute_dtypes(config, host["native_bf16"]):
+                print(f"\n{config}: skipped, this device has no native bf16 (emulated bf16 is many times slower)")
     if not fail_every_gate_unless_finite(report):
         print("\nFAILED: a loss is NaN or inf, which fails every gate")
     failed = any(not r["gate"]["passed"] for s in report["results"] for r in s["rows"] if "gate" in r)
@@ -369,8 +394,8 @@ def run_rows(config: str, rows: list[Row], args: argparse.Namespace, tmp: Path) 
     runs = {row.name: [] for row in rows}
     for _ in range(args.rounds):
         for row in rows:
-            spec = {"row": asdict(row), "quantize": CONFIGS[config], "steps": steps, "init_path": str(init),
-                    "base": base, "shape": [batch, seq]}
+            spec = {"config": config, "row": asdict(row), "quantize": CONFIGS[config], "steps": steps,
+                    "init_path": str(init), "base": base, "shape": [batch, seq]}
             start = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
                                  capture_output=True, text=True)
@@ -395,7 +420,7 @@ def summarize(config: str, compute: str, quantize: str | None, rows: list[Row], 
                       "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in results),
                       "first_step_s": results[0]["step_times"][0], "losses": results[0]["losses"],
                       "mfu": tokens_per_s * results[0]["flops_per_token"] / peaks[row.compute]})
-    competitors = [r for r in table if r["framework"] == "peft"]
+    competitors = [r for r in table if r["framework"] != "lorafit"]  # PEFT's rows (TRL's in the dpo config)
     best = max((r for r in competitors if not r["reference"]), key=lambda r: r["tokens_per_s"])  # a setup, not fp32
     baseline = next((r for r in table if r["baseline"]), None)
     every_loss = [r["losses"] for results in runs.values() for r in results]  # every round of every row
@@ -476,7 +501,7 @@ def print_summary(s: dict) -> None:
             spreads = ", ".join(f"{p} {d:.1e}" for p, d in zip(gate["peers"], gate["peer_spreads"])) or "none"
             print(f"  {r['row']:24} gate {'passed' if gate['passed'] else 'FAILED'}: distance to {gate['oracle']} "
                   f"{gate['distance']:.2e} over {gate['steps']} steps; band {gate['band']:.2e} = max(floor "
-                  f"{gate['floor']:.1e}, {SPREAD_SLACK:g} x PEFT setups' spread: {spreads})"
+                  f"{gate['floor']:.1e}, {SPREAD_SLACK:g} x the spread of the reference's setups: {spreads})"
                   + ("" if gate["finite"] else "; a loss or statistic is NaN/inf"))
 
 

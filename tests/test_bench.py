@@ -204,7 +204,7 @@ def test_qlora_1b_compares_memory_with_peft_qlora_and_with_lorafit_over_the_unqu
         ("lorafit", "float32", False, False, False), ("lorafit, 16/32-bit base", "float32", False, True, True),
         ("peft", BF16, True, False, False)]
     assert bench.CONFIGS["qlora-1b"] == "4bit" and bench.SHAPES["qlora-1b"] == (2, 512, 3)
-    assert bench.compute_dtype("qlora-1b", native_bf16=False) == FP32
+    assert bench.compute_dtypes("qlora-1b", native_bf16=False) == [FP32]
     losses = [10.9, 10.8, 10.7]
     runs = {"lorafit": [run("lorafit", 30, 2.0, losses, BF16, True)],
             "lorafit, 16/32-bit base": [run("lorafit, 16/32-bit base", 40, 5.0, losses, BF16)],
@@ -237,8 +237,8 @@ def test_dora_config_reports_the_step_against_lorafit_lora_and_gates_against_pef
 
 
 def test_dora_config_in_bf16_adds_a_second_peft_dora_setup_for_the_band():
-    assert bench.compute_dtype("dora", native_bf16=True) == BF16
-    assert bench.compute_dtype("dora", native_bf16=False) == FP32
+    assert bench.compute_dtypes("dora", native_bf16=True) == [BF16]
+    assert bench.compute_dtypes("dora", native_bf16=False) == [FP32]
     rows = bench.rows_for("dora", BF16, compile_rows=False, checkpointing=False)
     assert [(r.name, r.weights, r.autocast) for r in rows] == [
         ("lorafit dora", "float32", False), ("lorafit lora (baseline)", "float32", False),
@@ -364,3 +364,65 @@ def test_gate_on_real_runs_fails_a_dora_magnitude_that_is_not_trained(bench_loop
     broken = bench_loop("lorafit dora", "dora")
     assert broken != good
     assert not gate(broken)["passed"], gate(broken)
+
+
+# ---- the dpo config: lorafit's DPO against TRL's DPOTrainer (scripts/bench_dpo.py) ---------------------------
+
+def test_dpo_config_runs_fp32_everywhere_and_bf16_where_native_and_gates_lorafit_against_trl():
+    assert bench.compute_dtypes("dpo", native_bf16=False) == [FP32]
+    assert bench.compute_dtypes("dpo", native_bf16=True) == [FP32, BF16]
+    rows = bench.rows_for("dpo", FP32, compile_rows=True, checkpointing=True)
+    assert [(r.name, r.framework, r.checkpointing) for r in rows] == [
+        ("lorafit", "lorafit", False), ("trl", "trl", False), ("trl+checkpointing", "trl", True)]
+    runs = {"lorafit": [run("lorafit", 300, 3.0, [0.6931, 0.60, 0.50])],
+            "trl": [run("trl", 150, 6.0, [0.6931, 0.60, 0.50])],
+            "trl+checkpointing": [run("trl+checkpointing", 100, 4.0, [0.6931, 0.60, 0.50])]}
+    t = summarize(rows, runs)
+    assert t["lorafit"]["speed_ratio"] == 2.0 and t["lorafit"]["memory_ratio"] == 0.5  # against the fastest TRL
+    gate = t["lorafit"]["gate"]
+    assert gate["oracle"] == "trl" and gate["peers"] == ["trl+checkpointing"] and gate["passed"]
+    bf16 = bench.rows_for("dpo", BF16, compile_rows=True, checkpointing=True)
+    assert [(r.name, r.weights, r.autocast, r.reference) for r in bf16] == [
+        ("lorafit", "float32", False, False), ("trl", BF16, False, False), ("trl+checkpointing", BF16, False, False),
+        ("trl+autocast", "float32", True, False), ("trl fp32 (reference)", "float32", False, True)]
+
+
+@pytest.fixture
+def dpo_loop(tiny_base, tmp_path):
+    """run(row_name) -> the losses of bench_dpo.run_dpo for that fp32 row on the tiny model, one thread."""
+    pytest.importorskip("trl")
+    import bench_dpo
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    init = tmp_path / "init.pt"
+    bench.make_initial_weights(init, str(tiny_base))
+
+    def losses(name: str) -> list[float]:
+        row = next(r for r in bench.rows_for("dpo", FP32, False, False) if r.name == name)
+        out = bench_dpo.run_dpo(row, benchlib.GATE_STEPS, str(init), str(tiny_base), 4, 8, 0.0, 3e-3, 1)
+        assert out["tokens_per_s"] > 0 and out["peak_memory_bytes"] > 0
+        return out["losses"]
+
+    yield losses
+    torch.set_num_threads(threads)
+
+
+def test_dpo_gate_on_real_runs_passes_lorafit_against_trl_and_fails_a_wrong_beta(dpo_loop, monkeypatch):
+    """lorafit's DPO and TRL's on the same tiny model, pairs and initial adapter (r 4, AdamW lr 3e-3, 10 steps of 8
+    pairs): the gate passes lorafit; with β doubled in lorafit's loss only, it fails. The first loss is log 2 in
+    both (policy = reference at the start). Measured on a 2-core Intel Xeon with AMX (family 6 model 207),
+    2026-12-06: distance 5.4e-7 correct, 3.7e-2 with 2β, band 1.2e-4 (the fp32 floor; TRL's two rows agree
+    exactly): 225x margin on each side. At lr 1e-2 the tiny run turns chaotic (Adam's sign-like first steps
+    amplify last-bit differences: 4.5e-5), hence the small lr."""
+    oracle, peer = dpo_loop("trl"), dpo_loop("trl+checkpointing")
+    good = dpo_loop("lorafit")
+    assert good[0] == pytest.approx(math.log(2), abs=1e-6) and oracle[-1] < oracle[0] - 0.01  # it learns
+    assert loss_gate(good, oracle, [peer], FP32)["passed"], (good, oracle)
+    import lorafit.objectives
+
+    dpo_loss = lorafit.objectives.dpo_loss
+    monkeypatch.setattr(lorafit.objectives, "dpo_loss", lambda *a: dpo_loss(*a[:4], 2 * a[4]))
+    broken = dpo_loop("lorafit")
+    assert broken != good
+    assert not loss_gate(broken, oracle, [peer], FP32)["passed"], (broken, oracle)

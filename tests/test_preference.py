@@ -207,6 +207,11 @@ def test_collate_puts_chosen_then_rejected_in_one_batch_masked_by_position():
     assert batch["labels"].tolist() == [[P, P, P, 7, 2, P], [P, P, 2, P, P, P],
                                         [P, P, P, 8, 9, 2], [P, P, 7, 7, 7, 2]]
     assert answer_tokens(batch["labels"]).tolist() == [2, 1, 3, 4]
+    assert "ref_chosen_logps" not in batch  # only pairs with precomputed reference log-probs carry them
+    with_reference = [{**pair, "ref_logps": [-1.5 - k, -7.25 - k]} for k, pair in enumerate(pairs)]
+    batch = collate_pairs(with_reference, pad_id=2)
+    assert batch["ref_chosen_logps"].tolist() == [-1.5, -2.5] and batch["ref_rejected_logps"].tolist() == [-7.25, -8.25]
+    assert batch["ref_chosen_logps"].dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- objectives

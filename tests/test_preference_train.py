@@ -125,6 +125,37 @@ def test_dpo_trains_every_variant(pref_dir, lora):
     assert train[-1]["loss"] != train[0]["loss"]
 
 
+def test_dpo_over_a_4bit_base_learns_with_the_base_as_its_reference(pref_dir):
+    """QLoRA + DPO: the reference is the 4-bit base itself (adapters off), so the fresh run starts at log 2."""
+    pytest.importorskip("bitsandbytes")
+    run_training(pref_recipe(pref_dir, "model.quantize=4bit", "train.max_steps=3", "train.eval_every=3",
+                             "train.save_every=3"))
+    train = records(pref_dir / "out", "train")
+    assert train[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train) and train[-1]["loss"] < train[0]["loss"]
+    assert train[-1]["rewards/margins"] > 0
+    saved = load_file(pref_dir / "out" / "adapter" / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())
+
+
+def test_switched_off_adapters_over_a_4bit_base_give_its_logits_bit_for_bit(tiny_model_dir):
+    pytest.importorskip("bitsandbytes")
+    from lorafit.config import ModelConfig
+    from lorafit.model import load_base_model
+
+    model = load_base_model(ModelConfig(base=str(tiny_model_dir), dtype="float32", quantize="4bit"), training=True)
+    with torch.no_grad():
+        base = model(IDS).logits
+    inject_lora(model, LoRAConfig(r=4), for_training=True)
+    randomize_lora_B(model)
+    with torch.no_grad():
+        adapted = model(IDS).logits
+        with adapters_disabled(model):
+            off = model(IDS).logits
+    assert not torch.equal(adapted, base)
+    assert torch.equal(off, base)  # the 4-bit layers' own forward, on the same inputs
+
+
 # ------------------------------------------------------------------------------------------------ the switch
 
 IDS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -211,6 +242,86 @@ def test_a_start_adapter_the_recipe_does_not_describe_is_refused(pref_dir):
         run_training(pref_recipe(pref_dir, f"lora.init_from={start}", lora="r: 4, alpha: 8, target_modules: [q_proj]"))
 
 
+# ------------------------------------------------------------------------ the reference precomputed and cached
+
+
+def score_calls(monkeypatch) -> list[int]:
+    """How many pairs each reference-table scoring pass covers (a whole table, or the cache check's first batch)."""
+    import lorafit.reference_cache as reference_cache
+
+    calls, score = [], reference_cache.score
+    monkeypatch.setattr(reference_cache, "score", lambda reference, pairs, *a: calls.append(len(pairs))
+                        or score(reference, pairs, *a))
+    return calls
+
+
+def test_a_precomputed_reference_trains_what_the_per_step_reference_trains(pref_dir, monkeypatch):
+    """Same pairs, same reference: only where its numbers come from differs (and the padding of the batch they
+    were computed in: last-bit roundings, hence a tolerance and not equality)."""
+    run_training(pref_recipe(pref_dir, "train.max_steps=4", out="per_step"))
+    calls = score_calls(monkeypatch)
+    run_training(pref_recipe(pref_dir, "train.max_steps=4", "train.precompute_reference=true", out="pre"))
+    assert calls == [len(PAIRS)]  # one pass over the training pairs, before the first step
+    ours, theirs = records(pref_dir / "pre", "train"), records(pref_dir / "per_step", "train")
+    assert ours[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # fresh adapter: policy = reference
+    for a, b in zip(ours, theirs, strict=True):  # summed log-probs of ~10 tokens: fp32 rounding ~1e-6 relative
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["logps/chosen"] == pytest.approx(b["logps/chosen"], rel=1e-4)
+    saved, expected = (load_file(pref_dir / out / "adapter" / "adapter_model.safetensors")
+                       for out in ("pre", "per_step"))
+    assert saved.keys() == expected.keys()
+    for key, tensor in saved.items():  # 4 AdamW steps at lr 2e-2: rounding moves weights by far less than a step
+        assert torch.allclose(tensor, expected[key], atol=2e-2 * 1e-3), key
+
+
+def test_the_reference_table_is_cached_checked_and_made_again_when_it_no_longer_fits(pref_dir, monkeypatch):
+    from lorafit.model import cache_dir
+
+    def entries() -> set[Path]:  # the test session's cache folder: other tests' entries are there too
+        return set((cache_dir() / "reference").glob("*.safetensors"))
+
+    calls, before = score_calls(monkeypatch), entries()
+    pre = ("train.max_steps=2", "train.save_every=2", "train.eval_every=2", "train.precompute_reference=true")
+    run_training(pref_recipe(pref_dir, *pre, out="first"))
+    new = entries() - before
+    assert calls == [len(PAIRS)] and len(new) == 1
+    entry = new.pop()
+    run_training(pref_recipe(pref_dir, *pre, out="second"))
+    assert calls == [len(PAIRS), 4]  # read back; only the first micro-batch (4 pairs) scored again, as a check
+    def numbers(out: str) -> list[tuple]:
+        return [(r["loss"], r["grad_norm"], r["logps/chosen"], r["rewards/margins"])
+                for r in records(pref_dir / out, "train")]
+
+    assert numbers("second") == numbers("first")  # the same table, bit for bit: the same run
+    # Another base under the same names and sizes (the fingerprint cannot see it): the check catches it.
+    from safetensors.torch import load_file as load
+    from safetensors.torch import save_file
+
+    table = load(entry)["logps"]
+    save_file({"logps": table + 1.0}, entry)
+    run_training(pref_recipe(pref_dir, *pre, out="third"))
+    assert calls == [len(PAIRS), 4, 4, len(PAIRS)]
+    assert torch.equal(load(entry)["logps"], table)  # made again, and equal to the first table
+    # Anything the numbers depend on is another entry: here the micro-batch size (padding).
+    run_training(pref_recipe(pref_dir, *pre, "train.micro_batch_size=8", out="fourth"))
+    assert calls[-1] == len(PAIRS) and len(entries() - before) == 2
+
+
+def test_a_precomputed_reference_after_sft_is_the_starting_adapter(pref_dir):
+    start = sft_adapter(pref_dir)
+    run_training(pref_recipe(pref_dir, f"lora.init_from={start}", "train.max_steps=2", "train.save_every=2",
+                             "train.eval_every=2", "train.precompute_reference=true"))
+    train = records(pref_dir / "out", "train")
+    assert train[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # not the base: rewards would not start at 0
+    assert abs(train[0]["rewards/margins"]) < 1e-4
+
+
+def test_precompute_reference_needs_dpo(pref_dir):
+    with pytest.raises(LorafitError, match="train.precompute_reference precomputes DPO's reference.*train.objective "
+                                           "is orpo"):
+        pref_recipe(pref_dir, "train.objective=orpo", "train.precompute_reference=true")
+
+
 # ------------------------------------------------------------------------------------------------ eval
 
 
@@ -254,7 +365,8 @@ def test_eval_on_pairs_reports_preference_accuracy_and_margin(pref_dir):
 @pytest.mark.numerics
 def test_two_processes_train_the_dpo_adapter_one_process_trains(tmp_path, tiny_model_dir):
     """Weighted by pairs across micro-batches and processes: 2 processes x 4 pairs = 1 process x 8 pairs, grad_accum
-    2 each. 36 pairs: the 5th global micro-batch has 4, so the second process runs a masked pair (weighing 0)."""
+    2 each. 36 pairs: the 5th global micro-batch has 4, so the second process runs a masked pair (weighing 0).
+    Also with the reference precomputed: the main process scores and caches the table, the other reads it."""
     from .test_cli import run
     from .test_distributed import REDUCTION
     from .tolerance import assert_close_by_rule
@@ -262,19 +374,22 @@ def test_two_processes_train_the_dpo_adapter_one_process_trains(tmp_path, tiny_m
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS + PAIRS[:4]))
     (tmp_path / "eval_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS[:7]))
     outs = {}
-    for name, micro, extra in (("one", 8, []), ("two", 4, ["--nproc", "2"])):
+    for name, micro, extra in (("one", 8, []), ("two", 4, ["--nproc", "2"]),
+                               ("two-precomputed", 4, ["--nproc", "2", "--set=train.precompute_reference=true"])):
         settings = [f"train.micro_batch_size={micro}", "train.grad_accum=2", "train.max_steps=5",
                     "train.eval_every=5", "train.save_every=5"]
         recipe = pref_recipe(tmp_path, *settings, out=name)
         result = run("train", str(recipe.source), *[f"--set={s}" for s in settings], *extra)
         assert result.returncode == 0, result.stderr
         outs[name] = tmp_path / name
-    for event in ("train", "eval"):
-        ones, twos = records(outs["one"], event), records(outs["two"], event)
-        for key in (k for k in ones[0] if k not in ("event", "step", "tokens_per_s", "lr", "epoch")):
-            assert_close_by_rule([r[key] for r in twos], [r[key] for r in ones], reduction=REDUCTION,
-                                 dtype=torch.float32, msg=f"{event} {key}")
-    one = load_file(outs["one"] / "adapter" / "adapter_model.safetensors")
-    two = load_file(outs["two"] / "adapter" / "adapter_model.safetensors")
-    for key in one:
-        assert_close_by_rule(two[key], one[key], reduction=REDUCTION, dtype=torch.float32, msg=key)
+    assert "computed and cached" in result.stdout
+    for other in ("two", "two-precomputed"):
+        for event in ("train", "eval"):
+            ones, twos = records(outs["one"], event), records(outs[other], event)
+            for key in (k for k in ones[0] if k not in ("event", "step", "tokens_per_s", "lr", "epoch")):
+                assert_close_by_rule([r[key] for r in twos], [r[key] for r in ones], reduction=REDUCTION,
+                                     dtype=torch.float32, msg=f"{other} {event} {key}")
+        one = load_file(outs["one"] / "adapter" / "adapter_model.safetensors")
+        two = load_file(outs[other] / "adapter" / "adapter_model.safetensors")
+        for key in one:
+            assert_close_by_rule(two[key], one[key], reduction=REDUCTION, dtype=torch.float32, msg=f"{other} {key}")
