@@ -23,9 +23,12 @@ the same names and sizes, is caught there); otherwise the table is computed agai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -47,12 +50,14 @@ REF_KEY = "ref_logps"  # in a Pair: [chosen, rejected] summed log-probs of its a
 PROBE_ATOL, PROBE_RTOL = 1e-3, 1e-4
 
 
-def attach_reference(reference: ReferenceLogps, recipe: Recipe, tokenizer, pairs: list[Pair],
-                     device: torch.device, console: Console) -> None:
+def attach_reference(reference: ReferenceLogps, recipe: Recipe, tokenizer, pairs: list[Pair], device: torch.device,
+                     console: Console, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> None:
     """Put ``reference``'s log-probs of every pair into it (``pair[REF_KEY]``): from the cache when this exact
     table was made before and still checks out, else computed now (one no-grad pass) and cached. With several
-    processes the main one computes and writes; the others read its entry (and check it)."""
+    processes the main one computes and writes; the others read its entry (and check it). ``autocast``: the
+    training steps' autocast (accelerate's), so the table is what the steps' reference forward would give."""
     micro, pad = recipe.train.micro_batch_size, tokenizer.pad_token_id
+    reference = with_context(reference, autocast)
     path = cache_dir() / "reference" / f"{fingerprint(recipe, tokenizer, device)}.safetensors"
 
     def table() -> torch.Tensor:
@@ -70,6 +75,14 @@ def attach_reference(reference: ReferenceLogps, recipe: Recipe, tokenizer, pairs
     values = main_first(table).tolist()
     for pair, (chosen, rejected) in zip(pairs, values, strict=True):
         pair[REF_KEY] = [chosen, rejected]
+
+
+def with_context(reference: ReferenceLogps, context: Callable[[], AbstractContextManager]) -> ReferenceLogps:
+    def scored(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with context():
+            return reference(batch)
+
+    return scored
 
 
 @torch.no_grad()

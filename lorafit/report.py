@@ -32,7 +32,7 @@ class RunSummary:
     steps: int
     train_loss: float | None
     eval_loss: float | None
-    base_eval_loss: float | None
+    base_eval_loss: float | None  # step 0's: the model the run started from (``start``)
     wall_seconds: float
     tokens_per_second: float
     peak_memory_bytes: int
@@ -43,6 +43,7 @@ class RunSummary:
     main_process: bool = True  # the process that wrote the files and shows the summary
     world_size: int = 1  # processes that trained together
     parallelism: str = ""  # with several: how (DDP/FSDP) and the batch per process and in all
+    start: str = "base model"  # what step 0 scored (``start_label``)
 
 
 class MetricsLog:
@@ -70,7 +71,8 @@ def summary_table(summary: RunSummary) -> Table:
     table.add_row("steps", str(summary.steps))
     table.add_row("final train loss", fmt(summary.train_loss))
     if summary.eval_data is not None:
-        table.add_row("eval loss", f"{fmt(summary.base_eval_loss)} (base) -> {fmt(summary.eval_loss)} (adapter)")
+        start = summary.start.removesuffix(" model")
+        table.add_row("eval loss", f"{fmt(summary.base_eval_loss)} ({start}) -> {fmt(summary.eval_loss)} (adapter)")
     table.add_row("wall time", f"{summary.wall_seconds:.1f} s")
     processes = f", all {summary.world_size} processes together" if summary.world_size > 1 else ""
     table.add_row("throughput", f"{summary.tokens_per_second:,.0f} tokens/s (training steps only{processes})")
@@ -270,7 +272,19 @@ def report_data(console: Console, train_data: TokenizedData | None, eval_data: T
                       f"trained tokens, from {data.source}{extra}", highlight=False)
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
+# What the loss plotted in loss.png is, per train.objective (the y axis).
+LOSS_LABELS = {"sft": "loss per trained token", "dpo": "DPO loss per pair (log 2 = 0.693 at the start)",
+               "orpo": "ORPO loss: chosen NLL per token - λ·log σ(log odds)"}
+
+
+def start_label(objective: str, init_from: str | None) -> str:
+    """What a run's step-0 eval scores: the model training starts from (with DPO also its reference, so DPO's
+    loss there is log 2 whatever the data)."""
+    start = "starting adapter" if init_from else "base model"
+    return f"{start} = DPO's reference" if objective == "dpo" else start
+
+
+def plot_losses(metrics_path: Path, png_path: Path, objective: str = "sft") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,7 +299,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss per trained token")
+    ax.set_ylabel(LOSS_LABELS[objective])
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -59,6 +59,7 @@ from lorafit.errors import LorafitError
 from lorafit.eva import RankAllocation, allocate_ranks
 from lorafit.examples import PackedRows
 from lorafit.files import FolderLock
+from lorafit.fused import use_fused_layers
 from lorafit.inject import InjectionReport, inject_lora, lora_modules, training_hooks
 from lorafit.loss import TokenLoss, evaluate_loss_sums, trained_positions
 from lorafit.model import DTYPES, compile_layers, load_base_model, load_tokenizer
@@ -81,6 +82,7 @@ from lorafit.report import (
     plot_losses,
     plot_ranks,
     report_data,
+    start_label,
     targeting_table,
 )
 from lorafit.schedule import make_scheduler
@@ -242,7 +244,7 @@ def prepare(recipe: Recipe, resume: str | None = None, console: Console | None =
                                          tokens=token_ids)
     if cfg.precompute_reference:  # DPO's reference scored once, before compiling, sharding or wrapping the model
         attach_reference(dpo_reference(model, recipe), recipe, tokenizer, train_data.pairs, accelerator.device,
-                         console)
+                         console, accelerator.autocast)
     ready_for_training(model, cfg, accelerator.device, console)
     console.print(targeting_table(report))
 
@@ -294,13 +296,14 @@ def fit(run: Run) -> RunSummary:
 
 
 def evaluate_base(run: Run) -> float | None:
-    """A fresh run's step-0 eval loss: B = 0, so exactly the base model's — the number the adapter has to beat."""
+    """A fresh run's step-0 eval loss: the model it starts from (B = 0: exactly the base model's; with
+    lora.init_from the starting adapter's) — the number the adapter has to beat. DPO: log 2 (policy = reference)."""
     if run.eval_data is None or run.start_step != 0:
         return None
     loss, metrics = run.evaluate()
     run.metrics.write({"event": "eval", "step": 0, "eval_loss": loss,
                        **{f"eval_{key}": value for key, value in metrics.items()}})
-    run.console.print(f"step 0 (base model) eval loss {loss:.4f}")
+    run.console.print(f"step 0 ({start_label(run.cfg.objective, run.recipe.lora.init_from)}) eval loss {loss:.4f}")
     return loss
 
 
@@ -313,7 +316,7 @@ def finish(run: Run, done: StepResult, base_eval_loss: float | None, eval_loss: 
     adapter = adapter_content(run.model, run.recipe.model.base)  # every process: gathered from the shards with FSDP
     if run.main:
         save_adapter_content(adapter_dir, adapter, run.saved_tokenizer)
-        plot_losses(run.out / "metrics.jsonl", run.out / "loss.png")
+        plot_losses(run.out / "metrics.jsonl", run.out / "loss.png", run.cfg.objective)
         if ranks is not None:
             how = "EVA allocation" if run.allocation else "kept after pruning"
             plot_ranks(ranks, run.out / "ranks.png", f"rank per module: {sum(ranks.values())} in all ({how})")
@@ -325,6 +328,7 @@ def finish(run: Run, done: StepResult, base_eval_loss: float | None, eval_loss: 
         peak_memory_bytes=peak_memory(run.device), report=run.report,
         train_data=run.train_data, eval_data=run.eval_data, ranks=ranks, main_process=run.main,
         world_size=run.world, parallelism=run.parallelism,
+        start=start_label(run.cfg.objective, run.recipe.lora.init_from),
     )
 
 
@@ -465,7 +469,10 @@ def rank_allocation(model, lora: LoRAConfig, batches: Batches, device: torch.dev
 
 
 def ready_for_training(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, console: Console) -> None:
-    """Gradient checkpointing and compilation, as the recipe asks."""
+    """Gradient checkpointing and compilation, as the recipe asks; RMSNorm and SwiGLU with their hand-written
+    backward (lorafit/fused.py) where the model is not compiled (compiling fuses them by itself)."""
+    if not cfg.compile:
+        use_fused_layers(model)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing recomputes inside autograd, so LoRA weights get gradients even
         # though no input to a checkpointed block requires grad.

@@ -16,9 +16,9 @@ tokens packed from the quickstart data (completions trained, prompts masked), Ad
 - dora: lorafit's DoRA against PEFT's DoRA, and its step time against lorafit's own LoRA step; in bf16
   where bf16 is native (PEFT DoRA over bf16 weights, and over fp32 weights under autocast), else in fp32.
 - dpo: lorafit's DPO (train.objective: dpo) against TRL's DPOTrainer + PEFT on the DPO quickstart's pairs, in fp32
-  and, where bf16 is native, in bf16 (scripts/bench_dpo.py): TRL with checkpointing off ("trl") and with its
-  DPOConfig default, checkpointing on ("trl+checkpointing"); in bf16 also TRL's two usual setups and its fp32 run as
-  for the bf16 config.
+  and, where bf16 is native, in bf16 (scripts/bench_dpo.py): lorafit and TRL each with gradient checkpointing off
+  and on (TRL's DPOConfig default is on); in bf16 also TRL's fp32 weights under autocast and its fp32 run, as for
+  the bf16 config.
 - qlora-1b (memory): a ~1B random Llama built in-process (2048 wide, 16 layers, 5632 MLP, SmolLM2's
   vocabulary and tokenizer), 2 x 512 tokens, 3 steps: lorafit QLoRA against PEFT's QLoRA and against
   lorafit's LoRA over the same model unquantized (its peak is the one QLoRA must halve).
@@ -95,7 +95,9 @@ def rows_for(config: str, compute: str, compile_rows: bool, checkpointing: bool)
             rows.append(Row("peft dora+autocast", "peft", compute, autocast=True, variant="dora"))
         return rows
     if config == "dpo":  # lorafit's DPO against TRL's (scripts/bench_dpo.py)
-        rows = [Row("lorafit", "lorafit", compute), Row("trl", "trl", compute, weights=compute),
+        rows = [Row("lorafit", "lorafit", compute),
+                Row("lorafit+checkpointing", "lorafit", compute, checkpointing=True),
+                Row("trl", "trl", compute, weights=compute),
                 Row("trl+checkpointing", "trl", compute, weights=compute, checkpointing=True)]
         if bf16:
             rows += [Row("trl+autocast", "trl", compute, autocast=True),
@@ -143,6 +145,7 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
     from lorafit import precision
     from lorafit.config import LoRAConfig, ModelConfig
     from lorafit.device import compute_device
+    from lorafit.fused import use_fused_layers
     from lorafit.inject import inject_lora, lora_modules
     from lorafit.loss import token_loss_sum, trained_positions
     from lorafit.model import compile_layers, load_base_model, load_tokenizer
@@ -190,6 +193,8 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
         model.to(device)
     if row.compile:
         compile_layers(model, device)  # as train.compile: true does; the first step pays for compiling
+    elif row.framework == "lorafit":
+        use_fused_layers(model)  # as lorafit train does without compile
     if row.checkpointing:  # as train.gradient_checkpointing: true does
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

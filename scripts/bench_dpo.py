@@ -50,12 +50,14 @@ def lorafit_step(model, row, rank: int, alpha: int, dropout: float):
     """lorafit's adapters on ``model`` and its DPO loss, as ``lorafit train`` builds them for ``objective: dpo``."""
     from lorafit.adapters.switch import adapters_disabled
     from lorafit.config import LoRAConfig
+    from lorafit.fused import use_fused_layers
     from lorafit.inject import inject_lora, lora_modules
     from lorafit.objectives import DPOObjective, reference_under
 
     inject_lora(model, LoRAConfig(r=rank, alpha=alpha, dropout=dropout, variant=row.variant), for_training=True)
     modules = {f"{name}.{part}": param for name, module in lora_modules(model).items()
                for part, param in module.adapter_params().items()}
+    use_fused_layers(model)  # as lorafit train does without compile
     objective = DPOObjective(model, beta=BETA, reference_logps=reference_under(model, lambda: adapters_disabled(model)))
     return model, modules, lambda batch: objective(**batch)[0]
 

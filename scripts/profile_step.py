@@ -54,6 +54,7 @@ def main() -> None:
 
     import lorafit.loss
     from lorafit.config import LoRAConfig, ModelConfig
+    from lorafit.fused import use_fused_layers
     from lorafit.inject import inject_lora
     from lorafit.loss import token_loss_sum, trained_positions
     from lorafit.model import load_base_model, load_tokenizer
@@ -68,6 +69,7 @@ def main() -> None:
     model.model.layers = model.model.layers[: args.layers]
     model.config.num_hidden_layers = args.layers
     inject_lora(model, LoRAConfig(r=bench.RANK, alpha=bench.ALPHA), for_training=True)
+    use_fused_layers(model)  # as lorafit train does without compile
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer("adamw", params, 3e-4, 0.0)

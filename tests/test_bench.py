@@ -373,8 +373,10 @@ def test_dpo_config_runs_fp32_everywhere_and_bf16_where_native_and_gates_lorafit
     assert bench.compute_dtypes("dpo", native_bf16=True) == [FP32, BF16]
     rows = bench.rows_for("dpo", FP32, compile_rows=True, checkpointing=True)
     assert [(r.name, r.framework, r.checkpointing) for r in rows] == [
-        ("lorafit", "lorafit", False), ("trl", "trl", False), ("trl+checkpointing", "trl", True)]
+        ("lorafit", "lorafit", False), ("lorafit+checkpointing", "lorafit", True), ("trl", "trl", False),
+        ("trl+checkpointing", "trl", True)]
     runs = {"lorafit": [run("lorafit", 300, 3.0, [0.6931, 0.60, 0.50])],
+            "lorafit+checkpointing": [run("lorafit+checkpointing", 250, 2.0, [0.6931, 0.60, 0.50])],
             "trl": [run("trl", 150, 6.0, [0.6931, 0.60, 0.50])],
             "trl+checkpointing": [run("trl+checkpointing", 100, 4.0, [0.6931, 0.60, 0.50])]}
     t = summarize(rows, runs)
@@ -382,8 +384,10 @@ def test_dpo_config_runs_fp32_everywhere_and_bf16_where_native_and_gates_lorafit
     gate = t["lorafit"]["gate"]
     assert gate["oracle"] == "trl" and gate["peers"] == ["trl+checkpointing"] and gate["passed"]
     bf16 = bench.rows_for("dpo", BF16, compile_rows=True, checkpointing=True)
+    assert t["lorafit+checkpointing"]["gate"]["passed"]
     assert [(r.name, r.weights, r.autocast, r.reference) for r in bf16] == [
-        ("lorafit", "float32", False, False), ("trl", BF16, False, False), ("trl+checkpointing", BF16, False, False),
+        ("lorafit", "float32", False, False), ("lorafit+checkpointing", "float32", False, False),
+        ("trl", BF16, False, False), ("trl+checkpointing", BF16, False, False),
         ("trl+autocast", "float32", True, False), ("trl fp32 (reference)", "float32", False, True)]
 
 
