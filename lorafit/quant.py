@@ -142,7 +142,8 @@ class _FourBitLoRA(torch.autograd.Function):
             out = bnb.matmul_4bit(x, layer.weight, quant_state=layer.weight.quant_state)  # (N, out), no grad here
             if bias is not None:
                 out += bias
-            out.addmm_(down, lora_B.to(dtype).T, alpha=scaling)
+            # Under autocast (precision: bf16 over an fp32 base) the 4-bit matmul returns bf16: add in its dtype.
+            out.addmm_(down.to(out.dtype), lora_B.to(out.dtype).T, alpha=scaling)
         ctx.save_for_backward(lora_in, down, lora_A, lora_B)
         ctx.layer, ctx.scaling = layer, scaling
         return out
@@ -162,7 +163,8 @@ class _FourBitLoRA(torch.autograd.Function):
         if needs_in:
             grad_in = grad_down @ lora_A.to(grad.dtype)
         if needs_A:
-            grad_A = (grad_down.T @ lora_in).to(lora_A.dtype)  # [r, in]
+            # lora_in may be fp32 where autocast ran down = lora_in·Aᵀ in bf16 (precision: bf16, fp32 base)
+            grad_A = (grad_down.T @ lora_in.to(grad_down.dtype)).to(lora_A.dtype)  # [r, in]
         if needs_B:
             grad_B = (grad.T @ down).mul_(ctx.scaling).to(lora_B.dtype)  # [out, r]
         return grad_x, grad_in, grad_A, grad_B, None, None

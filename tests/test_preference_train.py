@@ -130,7 +130,7 @@ def test_dpo_trains_every_variant(pref_dir, lora):
     assert train[-1]["loss"] != train[0]["loss"]
 
 
-@pytest.mark.parametrize(("precision", "precompute"), [("no", "false"), ("bf16", "true")])
+@pytest.mark.parametrize(("precision", "precompute"), [("'no'", "false"), ("bf16", "true")])
 def test_dpo_over_a_4bit_base_learns_with_the_base_as_its_reference(pref_dir, precision, precompute):
     """QLoRA + DPO: the reference is the 4-bit base itself (adapters off), so the fresh run starts at log 2. In bf16
     (4-bit layers computing in bf16 under autocast) with the reference precomputed before the first step: under
@@ -142,7 +142,7 @@ def test_dpo_over_a_4bit_base_learns_with_the_base_as_its_reference(pref_dir, pr
                              "train.save_every=3", f"train.precision={precision}",
                              f"train.precompute_reference={precompute}"))
     train = records(pref_dir / "out", "train")
-    assert train[0]["loss"] == pytest.approx(0.6931472, abs=1e-6 if precision == "no" else 5e-3)
+    assert train[0]["loss"] == pytest.approx(0.6931472, abs=1e-6 if precision == "'no'" else 5e-3)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train) and train[-1]["loss"] < train[0]["loss"]
     assert train[-1]["rewards/margins"] > 0
     saved = load_file(pref_dir / "out" / "adapter" / "adapter_model.safetensors")
