@@ -205,6 +205,13 @@ def compile_layers(model: torch.nn.Module, device: torch.device) -> int:
     # Inductor's compiled kernels and graphs are cached on disk and reused by the next run with the same
     # shapes and code; kept beside lorafit's other caches rather than in /tmp, which a reboot empties.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    # The first layer's input (the frozen embedding's output) needs no gradient while every later layer's does
+    # (LoRA outputs): two graphs to compile, the second at the second layer. With the embedding's output asking
+    # for a gradient every layer's input is alike and one compiled forward + backward serves them all (the cost:
+    # layer 0 also computes its input's gradient). First step, 10 SmolLM2 layers in bf16, cold inductor cache,
+    # 2-core Intel Xeon with AMX, 2026-12-06: 32.0 s -> 24.3 s.
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

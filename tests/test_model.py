@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from lorafit.config import ModelConfig, locate_package_file
+from lorafit.config import LoRAConfig, ModelConfig, locate_package_file
 from lorafit.errors import LorafitError
+from lorafit.inject import inject_lora
 from lorafit.model import BaseSource, compile_layers, load_base_model, load_tokenizer, resolve_base
 
 from .conftest import tiny_model
@@ -58,6 +59,21 @@ def test_compile_layers_compiles_each_decoder_layer_in_place():
     assert compile_layers(model, torch.device("cpu")) == 2
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     assert list(model.state_dict()) == keys  # checkpoints keep their key names
+
+
+def test_every_compiled_layer_shares_one_graph_in_training():
+    """The first layer's input (the frozen embedding's output) is made to ask for a gradient like every later
+    layer's (LoRA outputs), so dynamo compiles the layer once, not again at layer 1 (a guard on requires_grad)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model()
+    inject_lora(model, LoRAConfig(r=4), for_training=True)
+    compile_layers(model, torch.device("cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    model(input_ids=torch.randint(0, 100, (2, 9)), use_cache=False).logits.sum().backward()
+    assert counters["frames"]["ok"] == 1, dict(counters["frames"])
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
 def test_compile_without_a_compiler_is_a_clear_error(monkeypatch):
