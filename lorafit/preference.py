@@ -48,7 +48,8 @@ from lorafit.data import (
 from lorafit.errors import LorafitError
 from lorafit.examples import IGNORE_INDEX
 
-Pair = dict[str, list]  # prompt_ids, chosen_ids, rejected_ids (token ids); ref_logps when precomputed (floats)
+Pair = dict[str, list]  # prompt_ids, chosen_ids, rejected_ids (token ids); REF_LOGPS when precomputed (floats)
+REF_LOGPS = "ref_logps"  # [chosen, rejected] summed log-probs of a pair's answers under DPO's reference
 FIX = "each row needs a prompt with a better (chosen) and a worse (rejected) answer"
 
 
@@ -240,7 +241,7 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]
 
     input_ids (2B, T) padded with ``pad_id``; attention_mask (2B, T) 1 on real tokens; labels (2B, T) the token on
     answer positions, -100 on the prompt and on padding (by position). Pairs that carry precomputed reference
-    log-probs (``ref_logps``: lorafit/reference_cache.py) add ref_chosen_logps and ref_rejected_logps (B,) fp32.
+    log-probs (``REF_LOGPS``: lorafit/reference_cache.py) add ref_chosen_logps and ref_rejected_logps (B,) fp32.
     """
     rows = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
     width = max(len(prompt) + len(answer) for prompt, answer in rows)
@@ -253,7 +254,7 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]
         attention_mask[i, :end] = 1
         labels[i, start:end] = torch.tensor(list(answer), dtype=torch.long)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if pairs and all("ref_logps" in p for p in pairs):
-        reference = torch.tensor([p["ref_logps"] for p in pairs], dtype=torch.float32)  # (B, 2)
+    if pairs and all(REF_LOGPS in p for p in pairs):
+        reference = torch.tensor([p[REF_LOGPS] for p in pairs], dtype=torch.float32)  # (B, 2)
         batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference[:, 0], reference[:, 1]
     return batch

@@ -39,11 +39,10 @@ from lorafit.config import Recipe
 from lorafit.distributed import main_first
 from lorafit.model import cache_dir
 from lorafit.objectives import ReferenceLogps
-from lorafit.preference import Pair, collate_pairs
+from lorafit.preference import REF_LOGPS, Pair, collate_pairs
 
 # Bump when the way reference log-probs are computed changes, so that no run reads numbers made by older code.
 REFERENCE_VERSION = 1
-REF_KEY = "ref_logps"  # in a Pair: [chosen, rejected] summed log-probs of its answers under the reference
 # The cache check: the first micro-batch scored again, on the same device and batch composition as when the table
 # was made (same code, same inputs: equal in practice). The allowance covers another kernel's roundings of a sum
 # of up to a few hundred log-probs (fp32: ~1e-5 relative); a different base moves them by whole nats.
@@ -52,7 +51,7 @@ PROBE_ATOL, PROBE_RTOL = 1e-3, 1e-4
 
 def attach_reference(reference: ReferenceLogps, recipe: Recipe, tokenizer, pairs: list[Pair], device: torch.device,
                      console: Console, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> None:
-    """Put ``reference``'s log-probs of every pair into it (``pair[REF_KEY]``): from the cache when this exact
+    """Put ``reference``'s log-probs of every pair into it (``pair[REF_LOGPS]``): from the cache when this exact
     table was made before and still checks out, else computed now (one no-grad pass) and cached. With several
     processes the main one computes and writes; the others read its entry (and check it). ``autocast``: the
     training steps' autocast (accelerate's), so the table is what the steps' reference forward would give."""
@@ -74,7 +73,7 @@ def attach_reference(reference: ReferenceLogps, recipe: Recipe, tokenizer, pairs
 
     values = main_first(table).tolist()
     for pair, (chosen, rejected) in zip(pairs, values, strict=True):
-        pair[REF_KEY] = [chosen, rejected]
+        pair[REF_LOGPS] = [chosen, rejected]
 
 
 def with_context(reference: ReferenceLogps, context: Callable[[], AbstractContextManager]) -> ReferenceLogps:
