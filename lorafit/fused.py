@@ -112,7 +112,12 @@ def _same_output(module: nn.Module, fused, width: int) -> bool:
     if weight is None or weight.device.type == "meta":
         return False
     probe = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    outputs = []
     try:
-        return torch.equal(module(probe), fused(module, probe))
+        for forward in (module, lambda x: fused(module, x)):
+            with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
+                torch.manual_seed(0)  # the same dropout masks (LoRA dropout in train mode) for both; RNG restored
+                outputs.append(forward(probe))
     except (RuntimeError, TypeError, ValueError):
         return False
+    return torch.equal(*outputs)

@@ -68,7 +68,8 @@ def test_silu_mul_forward_is_bit_for_bit_and_backward_follows_the_formula(dtype)
 
 def test_a_model_trains_the_same_with_fused_layers_and_keeps_less_in_bf16():
     model = tiny_model()
-    inject_lora(model, LoRAConfig(r=4), for_training=True)
+    inject_lora(model, LoRAConfig(r=4, dropout=0.1), for_training=True)  # dropout: the probe sees the same masks
+    model.train()
     randomize_lora_B(model)
     fused = copy.deepcopy(model)
     layers = len(model.model.layers)
@@ -78,6 +79,7 @@ def test_a_model_trains_the_same_with_fused_layers_and_keeps_less_in_bf16():
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     losses = {}
     for name, m in (("eager", model), ("fused", fused)):
+        torch.manual_seed(1)  # the same dropout masks: the same ops draw them in the same order
         loss = token_loss_sum(m, batch) / trained_positions(batch)
         loss.backward()
         losses[name] = (loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None})

@@ -377,7 +377,8 @@ def test_eval_on_pairs_reports_preference_accuracy_and_margin(pref_dir):
 def test_two_processes_train_the_dpo_adapter_one_process_trains(tmp_path, tiny_model_dir):
     """Weighted by pairs across micro-batches and processes: 2 processes x 4 pairs = 1 process x 8 pairs, grad_accum
     2 each. 36 pairs: the 5th global micro-batch has 4, so the second process runs a masked pair (weighing 0).
-    Also with the reference precomputed: the main process scores and caches the table, the other reads it."""
+    Also with the reference precomputed (the main process scores and caches the table, the other reads it), and
+    sharded with FSDP (the reference pass runs through the sharded model in every process)."""
     from .test_cli import run
     from .test_distributed import REDUCTION
     from .tolerance import assert_close_by_rule
@@ -386,15 +387,16 @@ def test_two_processes_train_the_dpo_adapter_one_process_trains(tmp_path, tiny_m
     (tmp_path / "eval_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS[:7]))
     outs = {}
     for name, micro, extra in (("one", 8, []), ("two", 4, ["--nproc", "2"]),
-                               ("two-precomputed", 4, ["--nproc", "2", "--set=train.precompute_reference=true"])):
+                               ("two-precomputed", 4, ["--nproc", "2", "--set=train.precompute_reference=true"]),
+                               ("two-fsdp", 4, ["--nproc", "2", "--set=train.fsdp=true"])):
         settings = [f"train.micro_batch_size={micro}", "train.grad_accum=2", "train.max_steps=5",
                     "train.eval_every=5", "train.save_every=5"]
         recipe = pref_recipe(tmp_path, *settings, out=name)
         result = run("train", str(recipe.source), *[f"--set={s}" for s in settings], *extra)
         assert result.returncode == 0, result.stderr
+        assert ("computed and cached" in result.stdout) == (name == "two-precomputed")
         outs[name] = tmp_path / name
-    assert "computed and cached" in result.stdout
-    for other in ("two", "two-precomputed"):
+    for other in ("two", "two-precomputed", "two-fsdp"):
         for event in ("train", "eval"):
             ones, twos = records(outs["one"], event), records(outs[other], event)
             for key in (k for k in ones[0] if k not in ("event", "step", "tokens_per_s", "lr", "epoch")):
