@@ -46,6 +46,7 @@ base is a different model (rounded weights), so every bf16 run drifts from fp32 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import resource
@@ -142,11 +143,8 @@ def batches(tokenizer, steps: int, batch: int = BATCH, seq: int = SEQ):
 
 def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: str = BASE,
             shape: tuple[int, int] = (BATCH, SEQ)) -> dict:
-    import contextlib
-
     import torch
 
-    from lorafit import precision
     from lorafit.config import LoRAConfig, ModelConfig
     from lorafit.device import compute_device
     from lorafit.fused import use_fused_layers
@@ -158,17 +156,12 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
     row = Row(**row)
     quantize = None if row.unquantized else quantize
     torch.manual_seed(0)
-    if row.framework == "lorafit":  # lorafit's own choice for this compute dtype, as `lorafit train` makes it
-        plan = precision.resolve(row.compute, "no" if row.compute == "float32" else "bf16", quantize)
-        weights, autocast = plan.model_dtype, plan.autocast
-    else:
-        weights, autocast = row.weights, row.autocast
+    weights, autocast = precision_setup(row, quantize)
     cfg = ModelConfig(base=base, dtype=weights, quantize=quantize)
     tokenizer = load_tokenizer(cfg)
     data = batches(tokenizer, steps, *shape)
     device = compute_device()  # lorafit's one rule: a CUDA GPU when there is one, else the CPU
     model = load_base_model(cfg, training=True, device=device)  # a 4-bit base is quantized there
-    initial = torch.load(init_path, weights_only=True)  # the same A (and zero B) for every run
     if row.framework == "lorafit":
         inject_lora(model, LoRAConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT, variant=row.variant), for_training=True)
         modules = {f"{name}.{part}": param for name, module in lora_modules(model).items()
@@ -189,26 +182,68 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
 
         def loss_fn(batch):
             return model(**batch, use_cache=False).loss  # transformers' own loss: full logits, mean over labels
-    with torch.no_grad():
-        for name, param in modules.items():  # A and B; DoRA's magnitude starts from the base weight in both
-            if name in initial:
-                param.data = initial[name].to(param.device, torch.float32).clone()
+    start_from(modules, init_path)  # the same A (and zero B) for every run
     if not quantize:
         model.to(device)
     if row.compile:
         compile_layers(model, device)  # as train.compile: true does; the first step pays for compiling
     elif row.framework == "lorafit":
         use_fused_layers(model)  # as lorafit train does without compile
-    if row.checkpointing:  # as train.gradient_checkpointing: true does
+    times, losses, tokens, peak, params = timed_steps(model, row, data, loss_fn, LR, autocast, device,
+                                                      lambda batch: batch["input_ids"].numel())
+    step = statistics.median(times[WARMUP:])
+    base_params = base_memory(model)[1] // 2  # frozen elements, a packed 4-bit weight at its original shape
+    lora_params = sum(p.numel() for p in params)
+    # frozen base: forward 2N + input-gradient backward 2N per token; LoRA weights 6 per param per token
+    flops_per_token = 4 * base_params + 6 * lora_params
+    return {"row": row.name, "weights": weights, "autocast": autocast, "quantize": quantize, "device": device.type,
+            "losses": losses, "step_times": times, "median_step_s": step,
+            "tokens_per_s": statistics.median(tokens[WARMUP:]) / step,
+            "peak_memory_bytes": peak, "flops_per_token": flops_per_token,
+            "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def precision_setup(row: Row, quantize: str | None) -> tuple[str, bool]:
+    """(base weights dtype, autocast) of a row: for lorafit its own precision plan for the row's compute dtype, as
+    `lorafit train` makes it; for PEFT and TRL the row's setup."""
+    from lorafit import precision
+
+    if row.framework != "lorafit":
+        return row.weights, row.autocast
+    plan = precision.resolve(row.compute, "no" if row.compute == "float32" else "bf16", quantize)
+    return plan.model_dtype, plan.autocast
+
+
+def start_from(modules: dict, init_path: str) -> None:
+    """The saved initial adapter weights (``make_initial_weights``) into ``modules`` (name -> parameter), in fp32:
+    A and B; DoRA's magnitude starts from the base weight in both frameworks, so it is not in the file."""
+    import torch
+
+    initial = torch.load(init_path, weights_only=True)
+    with torch.no_grad():
+        for name, param in modules.items():
+            if name in initial:
+                param.data = initial[name].to(param.device, torch.float32).clone()
+
+
+def timed_steps(model, row: Row, data: list[dict], loss_fn, lr: float, autocast: bool, device,
+                count_tokens) -> tuple[list[float], list[float], list[int], int, list]:
+    """Train ``model`` one optimizer step per batch of ``data``, as the row's framework does (checkpointing as the
+    row asks; lorafit's optimizer as `lorafit train` builds it, else fused AdamW, transformers' Trainer and TRL's
+    default): (step times, losses, count_tokens(batch) per step, peak memory (RSS sampled during training on a
+    CPU, max_memory_allocated on CUDA), trained parameters)."""
+    import torch
+
+    if row.checkpointing:  # as train.gradient_checkpointing: true (and TRL's DPOConfig default) does
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if row.framework == "lorafit":
         from lorafit.train import make_optimizer
 
-        optimizer = make_optimizer("adamw", params, LR, 0.0)  # as lorafit train builds it
+        optimizer = make_optimizer("adamw", params, lr, 0.0)
     else:
-        optimizer = torch.optim.AdamW(params, lr=LR, fused=True)  # transformers' Trainer default (torch >= 2.8)
+        optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     sampler, times, losses, tokens = RssSampler(), [], [], []
     if device.type == "cuda":
@@ -225,18 +260,9 @@ def run_one(row: dict, quantize: str | None, steps: int, init_path: str, base: s
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
-        tokens.append(int(batch["input_ids"].numel()))
+        tokens.append(int(count_tokens(batch)))
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else sampler.stop()
-    step = statistics.median(times[WARMUP:])
-    base_params = base_memory(model)[1] // 2  # frozen elements, a packed 4-bit weight at its original shape
-    lora_params = sum(p.numel() for p in params)
-    # frozen base: forward 2N + input-gradient backward 2N per token; LoRA weights 6 per param per token
-    flops_per_token = 4 * base_params + 6 * lora_params
-    return {"row": row.name, "weights": weights, "autocast": autocast, "quantize": quantize, "device": device.type,
-            "losses": losses, "step_times": times, "median_step_s": step,
-            "tokens_per_s": statistics.median(tokens[WARMUP:]) / step,
-            "peak_memory_bytes": peak, "flops_per_token": flops_per_token,
-            "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return times, losses, tokens, peak, params
 
 
 def make_initial_weights(path: Path, base: str = BASE) -> None:

@@ -17,9 +17,7 @@ setting it. Tokens per second count real tokens (attention_mask), the prompt onc
 
 from __future__ import annotations
 
-import contextlib
 import statistics
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,20 +92,15 @@ def run_dpo(row, steps: int, init_path: str, base: str, rank: int, alpha: int, d
     import tempfile
 
     import torch
-    from benchlib import RssSampler
+    from bench import precision_setup, start_from, timed_steps
 
-    from lorafit import precision
     from lorafit.config import ModelConfig
     from lorafit.device import compute_device
     from lorafit.model import load_base_model, load_tokenizer
     from lorafit.quant import base_memory
 
     torch.manual_seed(0)
-    if row.framework == "lorafit":
-        plan = precision.resolve(row.compute, "no" if row.compute == "float32" else "bf16", None)
-        weights, autocast = plan.model_dtype, plan.autocast
-    else:
-        weights, autocast = row.weights, row.autocast
+    weights, autocast = precision_setup(row, None)
     cfg = ModelConfig(base=base, dtype=weights)
     tokenizer = load_tokenizer(cfg)
     data = pair_batches(tokenizer, steps)
@@ -118,39 +111,10 @@ def run_dpo(row, steps: int, init_path: str, base: str, rank: int, alpha: int, d
             model, modules, loss_fn = lorafit_step(model, row, rank, alpha, dropout)
         else:
             model, modules, loss_fn = trl_step(model, tokenizer, rank, alpha, dropout, folder)
-    initial = torch.load(init_path, weights_only=True)  # the same A (and zero B) for every run
-    with torch.no_grad():
-        for name, param in modules.items():
-            param.data = initial[name].to(param.device, torch.float32).clone()
+    start_from(modules, init_path)  # the same A (and zero B) for every run
     model.to(device)
-    if row.checkpointing:  # as TRL's DPOConfig default and lorafit's train.gradient_checkpointing do
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if row.framework == "lorafit":
-        from lorafit.train import make_optimizer
-
-        optimizer = make_optimizer("adamw", params, lr, 0.0)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=lr, fused=True)  # DPOConfig's optim: adamw_torch_fused
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    sampler, times, losses, tokens = RssSampler(), [], [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for batch in data:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        start = time.perf_counter()
-        with amp:
-            loss = loss_fn(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        tokens.append(int(batch["attention_mask"].sum()))
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else sampler.stop()
+    times, losses, tokens, peak, params = timed_steps(model, row, data, loss_fn, lr, autocast, device,
+                                                      lambda batch: batch["attention_mask"].sum())
     step = statistics.median(times[warmup:])
     tokens_per_s = sum(tokens[warmup:]) / sum(times[warmup:])  # batches differ in length: all tokens over all time
     base_params = base_memory(model)[1] // 2
